@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Schedule = Literal["decay", "paper"]
 Criterion = Literal["divergence", "l1", "taylor", "random"]
-Ranking = Literal["divergence", "divergence_per_mac"]
+Ranking = Literal["score", "score_per_mac", "auto"]
 Distillation = Literal["kd", "kd_features", "none"]
 ExportFormat = Literal["torchscript", "onnx"]
 Runtime = Literal["eager", "torchscript", "onnxruntime"]
@@ -37,8 +37,11 @@ class PruneConfig(_Frozen):
     paper_beta: float = Field(0.10, gt=0, lt=1)
     criterion: Criterion = "divergence"
     ranking: Ranking = Field(
-        "divergence_per_mac",
-        description="Global order of removal: lowest score first, or lowest score per MAC saved.",
+        "auto",
+        description=(
+            "Global order of removal: lowest score first, lowest score per MAC saved, or "
+            "auto (both each step, keep the better on calibration data)."
+        ),
     )
     consumer_weighting: bool = Field(
         False, description="Multiply group scores by the consumers' normalised input norms."

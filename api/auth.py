@@ -1,0 +1,48 @@
+"""API keys: with ``FLOW_COMPRESS_API_KEYS`` set, every /v1 route needs one.
+
+A key is sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Each key is its own
+owner: jobs are stored under a digest of the key (never the key itself), and a key sees only
+its own jobs. Without configured keys every caller is the one ``public`` owner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from api.errors import ApiError
+
+PUBLIC_OWNER = "public"
+
+_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token.")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key header.")
+
+
+def owner_for_key(key: str) -> str:
+    """A stable, non-reversible owner id for a key (what the job store records)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def require_owner(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    header_key: str | None = Depends(_header),
+) -> str:
+    """The caller's owner id, or 401 ``unauthorized`` when keys are on and none matches."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return PUBLIC_OWNER
+    presented = header_key or (bearer.credentials if bearer else None)
+    if presented:
+        # Compare against every key in constant time so timing does not reveal a prefix.
+        matches = [hmac.compare_digest(presented.encode(), k.encode()) for k in keys]
+        if any(matches):
+            return owner_for_key(presented)
+    raise ApiError(
+        "unauthorized",
+        "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",
+        headers={"WWW-Authenticate": "Bearer"},
+    )

@@ -1,0 +1,168 @@
+"""Every API error: a stable snake_case code, mapped to an HTTP status in one place.
+
+The body is always ``{"error": {"code", "message", "field", "details"}}``. Library error codes
+(``flow_compress.errors``) that describe a bad request map to 422 here; when the same codes
+end a job they appear in the job's ``error`` instead, with the HTTP request itself succeeding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flow_compress.errors import FlowCompressError
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_CODE: dict[str, int] = {
+    "bad_request": 400,
+    "invalid_multipart": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "job_finished": 409,
+    "artifacts_not_available": 409,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    "invalid_archive": 422,
+    # library codes, when a request is refused before any job exists
+    "invalid_config": 422,
+    "unsupported_model": 422,
+    "invalid_dataset": 422,
+    "dataset_not_found": 422,
+    "bad_checkpoint": 422,
+    "broker_unavailable": 503,
+    "storage_unavailable": 503,
+    "internal_error": 500,
+}
+
+
+def status_for(code: str) -> int:
+    return STATUS_BY_CODE.get(code, 500)
+
+
+class FieldError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str
+    message: str
+    field: str | None = None
+    details: list[FieldError] = []
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """Raise anywhere in the API; the handler renders it with the code's status."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        details: Sequence[FieldError] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.details = list(details)
+        self.headers = headers
+
+    @property
+    def status(self) -> int:
+        return status_for(self.code)
+
+    @classmethod
+    def from_library(cls, exc: FlowCompressError, field: str | None = None) -> ApiError:
+        return cls(exc.code, exc.message, field=field)
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, prefix: str) -> ApiError:
+        """A pydantic error on a request model; ``field`` is the dotted path of the first."""
+        details = [
+            FieldError(field=_dotted(prefix, err["loc"]), message=err["msg"])
+            for err in exc.errors(include_url=False)
+        ]
+        first = details[0] if details else FieldError(field=prefix, message=str(exc))
+        return cls("validation_error", first.message, field=first.field, details=details)
+
+
+def _dotted(prefix: str, loc: Sequence[Any]) -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in loc]
+    return ".".join(parts)
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    body = ErrorBody(
+        error=ErrorDetail(code=err.code, message=err.message, field=err.field, details=err.details)
+    )
+    return JSONResponse(body.model_dump(), status_code=err.status, headers=err.headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure through ``error_response`` so clients see one error shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(FlowCompressError)
+    async def _library_error(_: Request, exc: FlowCompressError) -> JSONResponse:
+        return error_response(ApiError.from_library(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            FieldError(field=_dotted("", err["loc"]), message=err["msg"]) for err in exc.errors()
+        ]
+        first = details[0] if details else FieldError(field="", message="invalid request")
+        return error_response(
+            ApiError("validation_error", first.message, field=first.field, details=details)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "bad_request")
+        err = ApiError(code, str(exc.detail), headers=getattr(exc, "headers", None))
+        response = error_response(err)
+        response.status_code = exc.status_code
+        return response
+
+    async def _store_unreachable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unavailable: %s", exc)
+        return error_response(ApiError("broker_unavailable", "the job store is unreachable"))
+
+    app.add_exception_handler(redis.ConnectionError, _store_unreachable)
+    app.add_exception_handler(redis.TimeoutError, _store_unreachable)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(ApiError("internal_error", "internal server error"))

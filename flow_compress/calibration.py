@@ -1,0 +1,150 @@
+"""Statistics for the divergence scores, collected with forward hooks.
+
+All hooks live here and are removed in ``finally``; nothing is stored on the user's model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flow_compress.data import Batch
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """Where a producer's post-activation output is observed.
+
+    ``module`` is the path of the module whose output is hooked (the norm layer after the
+    conv/linear, or the layer itself), ``activation`` is applied to that output inside the hook
+    (torchvision reuses one ReLU module per block, so hooking the ReLU would be wrong), and
+    ``channel_dim`` is 1 for conv maps, -1 for linear outputs (B×D or B×N×D tokens).
+    """
+
+    module: str
+    activation: Activation | None
+    channel_dim: int
+
+
+@dataclass(frozen=True)
+class UnitStats:
+    """E_x[||A(l,c)(x)||_2] per unit, and the spatial size (H·W) or token count N."""
+
+    act_norm: torch.Tensor
+    spatial: int
+
+
+class _Accumulator:
+    def __init__(self, spec: TapSpec) -> None:
+        self.spec = spec
+        self.total: torch.Tensor | None = None
+        self.count = 0
+        self.spatial = 1
+
+    def __call__(self, _m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        with torch.no_grad():
+            a = out.detach().float()
+            if self.spec.activation is not None:
+                a = self.spec.activation(a)
+            if self.spec.channel_dim == 1:
+                self.spatial = int(a[0, 0].numel())
+                norms = a.flatten(2).norm(dim=2)
+            else:
+                a = a.reshape(a.shape[0], -1, a.shape[-1])
+                self.spatial = int(a.shape[1])
+                norms = a.norm(dim=1)
+            s = norms.sum(dim=0).cpu()
+            self.total = s if self.total is None else self.total + s
+            self.count += norms.shape[0]
+
+    def result(self) -> UnitStats:
+        if self.total is None or self.count == 0:
+            raise RuntimeError(f"tap {self.spec.module} saw no data (is it on the forward path?)")
+        return UnitStats(self.total / self.count, self.spatial)
+
+
+@torch.no_grad()
+def collect_unit_stats(
+    model: nn.Module,
+    taps: Mapping[str, TapSpec],
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> dict[str, UnitStats]:
+    """Run ``batches`` through ``model`` and return stats keyed like ``taps``."""
+    modules = dict(model.named_modules())
+    accs = {key: _Accumulator(spec) for key, spec in taps.items()}
+    handles = []
+    try:
+        for key, spec in taps.items():
+            handles.append(modules[spec.module].register_forward_hook(accs[key]))
+        model.eval()
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: acc.result() for key, acc in accs.items()}
+
+
+@torch.no_grad()
+def collect_block_norms(
+    model: nn.Module,
+    blocks: Mapping[str, str | None],
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-sample (||F(x)||_2, ||x||_2) for each block, for D_res.
+
+    ``blocks`` maps a block path to the path of the module whose output is the residual
+    branch F(x) (e.g. ``bn2`` of a BasicBlock), or to None for plain shape-preserving layers,
+    where F(x) is taken as ``block(x) - x`` (what the block adds to the flow).
+    """
+    modules = dict(model.named_modules())
+    inputs: dict[str, list[torch.Tensor]] = {k: [] for k in blocks}
+    branches: dict[str, list[torch.Tensor]] = {k: [] for k in blocks}
+    last_input: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().flatten(1).norm(dim=1).cpu()
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            last_input[name] = args[0]
+            inputs[name].append(norms(args[0]))
+
+        return hook
+
+    def block_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: object, out: torch.Tensor) -> None:
+            branches[name].append(norms(out - last_input[name]))
+
+        return hook
+
+    def branch_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: object, out: torch.Tensor) -> None:
+            branches[name].append(norms(out))
+
+        return hook
+
+    try:
+        for name, branch in blocks.items():
+            block = modules[name]
+            handles.append(block.register_forward_pre_hook(pre_hook(name)))
+            if branch is None:
+                handles.append(block.register_forward_hook(block_hook(name)))
+            else:
+                handles.append(modules[f"{name}.{branch}"].register_forward_hook(branch_hook(name)))
+        model.eval()
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        last_input.clear()
+    return {k: (torch.cat(branches[k]), torch.cat(inputs[k])) for k in blocks if inputs[k]}

@@ -1,0 +1,160 @@
+"""State shared by the pipeline's stages: data, teacher, budget, records, timers, progress."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flow_compress.config import CompressionConfig
+from flow_compress.data import Batch, DataSplits
+from flow_compress.errors import CancelledError
+from flow_compress.evaluate import evaluate
+from flow_compress.recovery import LoopSettings, fit
+from flow_compress.schema import ProgressEvent, Stage, StepRecord
+from flow_compress.tp_adapter import count_macs_params
+
+ProgressFn = Callable[[ProgressEvent], None]
+CancelFn = Callable[[], bool]
+
+# Share of the progress bar per stage (percent rises monotonically through the run).
+PROGRESS_SPAN = {
+    "Baseline": (0.0, 5.0),
+    "Filter Prune": (5.0, 60.0),
+    "Layer Trunc": (60.0, 75.0),
+    "Final Fine-Tune": (75.0, 90.0),
+    "Export": (90.0, 100.0),
+}
+
+
+@dataclass
+class Context:
+    config: CompressionConfig
+    data: DataSplits
+    device: torch.device
+    teacher: nn.Module
+    example: torch.Tensor
+    base_macs: int
+    base_params: int
+    base_val_top1: float = 0.0
+    plan_ops: list[dict[str, object]] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    recovery_iters: Counter[str] = field(default_factory=Counter)
+    timings: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    progress_fn: ProgressFn | None = None
+    cancel_fn: CancelFn | None = None
+    _train_batches: Iterator[Batch] | None = None
+    _percent: float = 0.0
+
+    # ------------------------------------------------------------ control
+
+    def check_cancel(self) -> None:
+        if self.cancel_fn is not None and self.cancel_fn():
+            raise CancelledError("compression cancelled by the caller")
+
+    def emit(
+        self,
+        stage: str,
+        step: int,
+        total: int,
+        *,
+        macs: int | None = None,
+        top1: float | None = None,
+        message: str = "",
+    ) -> None:
+        lo, hi = PROGRESS_SPAN.get(stage, (self._percent, self._percent))
+        frac = min(1.0, step / total) if total > 0 else 1.0
+        self._percent = max(self._percent, lo + (hi - lo) * frac)
+        if self.progress_fn is not None:
+            self.progress_fn(
+                ProgressEvent(stage, step, total, round(self._percent, 2), macs, top1, message)
+            )
+
+    @contextmanager
+    def timer(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] += time.perf_counter() - start
+
+    # ------------------------------------------------------------ measurements
+
+    def cost(self, model: nn.Module) -> tuple[int, int]:
+        return count_macs_params(model, self.example)
+
+    def val_accuracy(self, model: nn.Module, max_batches: int | None = None) -> tuple[float, float]:
+        with self.timer("evaluation"):
+            batches = self.data.loader("val", self.config.data.eval_batch_size)
+            if max_batches is not None:
+                batches = (b for i, b in enumerate(batches) if i < max_batches)
+            return evaluate(model, batches, self.device)
+
+    def record(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        *,
+        top: tuple[float, float] | None = None,
+        accepted: bool = True,
+        detail: str = "",
+    ) -> StepRecord:
+        macs, params = self.cost(model)
+        top1, top5 = top if top is not None else self.val_accuracy(model)
+        rec = StepRecord(
+            step=len(self.steps),
+            stage=stage,
+            macs=macs,
+            params=params,
+            top1=round(top1, 3),
+            top5=round(top5, 3),
+            accepted=accepted,
+            detail=detail,
+        )
+        self.steps.append(rec)
+        return rec
+
+    def drop(self, top1: float) -> float:
+        return self.base_val_top1 - top1
+
+    # ------------------------------------------------------------ training
+
+    def train_batches(self) -> Iterator[Batch]:
+        if self._train_batches is None:
+            self._train_batches = self.data.forever(
+                self.config.recovery.batch_size, seed=self.config.seed
+            )
+        return self._train_batches
+
+    def recover(self, model: nn.Module, iters: int, stage: str, *, lr: float | None = None) -> int:
+        """Distil from the original model (per ``recovery.distillation``) for ``iters`` steps."""
+        rc = self.config.recovery
+        settings = LoopSettings(
+            iters=iters,
+            lr=lr or rc.lr,
+            momentum=rc.momentum,
+            weight_decay=rc.weight_decay,
+            temperature=rc.temperature,
+            kd_weight=rc.kd_weight,
+            feature_weight=rc.feature_weight,
+            amp=rc.amp,
+        )
+        teacher = None if rc.distillation == "none" else self.teacher
+        taps = rc.feature_taps if rc.distillation == "kd_features" else ()
+        with self.timer("recovery"):
+            n = fit(
+                model,
+                self.train_batches(),
+                settings,
+                self.device,
+                teacher=teacher,
+                feature_taps=taps,
+            )
+        self.recovery_iters[stage] += n
+        return n

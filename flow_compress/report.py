@@ -1,0 +1,560 @@
+"""The human-readable side of a ``CompressionReport``: Markdown, plots, and the files on disk.
+
+Cost is reported in GMACs (multiply-accumulates, the paper's "GFLOPs"); FLOPs = 2 x MACs.
+Headline accuracies are on the test split; the compression-dynamics table and plots use the
+validation split, as the step records do.
+
+Plots use matplotlib's object-oriented API on Agg canvases (``matplotlib.figure.Figure``),
+never ``pyplot``: no global backend switch, no GUI, safe in worker processes and threads.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flow_compress.artifacts import atomic_write_bytes, atomic_write_text
+from flow_compress.schema import CompressionReport, LatencyRecord, StepRecord
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT_NAMES = ("macs.png", "params.png", "top1.png", "dynamics.png")
+
+STAGE_ORDER = ("Baseline", "Filter Prune", "Layer Trunc", "Final Fine-Tune")
+# Colour-blind-safe (Okabe-Ito) colours and distinct markers, so stages also separate in grey.
+STAGE_STYLE: dict[str, tuple[str, str]] = {
+    "Baseline": ("#000000", "s"),
+    "Filter Prune": ("#0072B2", "o"),
+    "Layer Trunc": ("#D55E00", "^"),
+    "Final Fine-Tune": ("#009E73", "D"),
+}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _gmacs(macs: float) -> str:
+    """GMACs with three significant digits and at least two decimals (0.0312, 4.10, 17.50)."""
+    g = macs / 1e9
+    if g <= 0:
+        return "0.00"
+    decimals = min(6, max(2, 2 - math.floor(math.log10(g))))
+    return f"{g:.{decimals}f}"
+
+
+def _mparams(params: float) -> str:
+    m = params / 1e6
+    if m <= 0:
+        return "0.00"
+    decimals = min(5, max(2, 2 - math.floor(math.log10(m))))
+    return f"{m:.{decimals}f}"
+
+
+def _pct(value: float) -> str:
+    return f"{value:.2f} %"
+
+
+def _ms(value: float) -> str:
+    if value >= 100:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _cell(text: object) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> list[str]:
+    """A GitHub-flavoured Markdown table; ``align`` has one of ``l``/``r`` per column."""
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _ratio_change(ratio: float) -> str:
+    return f"×{ratio:.3f} ({(ratio - 1) * 100:+.1f} %)"
+
+
+RUNTIME_NAMES = {
+    "eager": "PyTorch eager",
+    "torchscript": "TorchScript",
+    "onnxruntime": "ONNX Runtime",
+}
+
+
+FORMAT_NAMES = {"torchscript": "TorchScript", "onnx": "ONNX", "plan_replay": "plan replay"}
+
+
+def _runtime(name: str | None) -> str:
+    return RUNTIME_NAMES.get(name or "", name or "")
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _headline_latency(report: CompressionReport) -> LatencyRecord | None:
+    if report.speedup is None:
+        return None
+    candidates = [r for r in report.latency if r.runtime == report.speedup_runtime]
+    for record in sorted(candidates, key=lambda r: r.batch_size):
+        if math.isclose(record.speedup, report.speedup, rel_tol=1e-6):
+            return record
+    return None
+
+
+def _headline(report: CompressionReport) -> list[str]:
+    base, pruned = report.base, report.pruned
+    rows: list[list[object]] = [
+        ["Top-1 (test)", _pct(base.top1), _pct(pruned.top1), f"{-report.top1_drop:+.2f} pts"],
+        ["Top-5 (test)", _pct(base.top5), _pct(pruned.top5), f"{pruned.top5 - base.top5:+.2f} pts"],
+        ["GMACs", _gmacs(base.macs), _gmacs(pruned.macs), _ratio_change(report.macs_ratio)],
+        [
+            "Params (M)",
+            _mparams(base.params),
+            _mparams(pruned.params),
+            _ratio_change(report.params_ratio),
+        ],
+    ]
+    lines = [
+        f"# Compression report: {report.model} on {report.dataset}",
+        "",
+        _summary_sentence(report),
+        "",
+        *_table(["", "Base", "Pruned", "Change"], rows, "lrrr"),
+        "",
+        "GMACs are billions of multiply-accumulates per image (what the IDAP++ paper calls "
+        f'"GFLOPs"); FLOPs = 2 × MACs, so the pruned model costs '
+        f"{_gmacs(2 * pruned.macs)} GFLOPs against {_gmacs(2 * base.macs)} for the base.",
+    ]
+    return lines
+
+
+def _summary_sentence(report: CompressionReport) -> str:
+    cfg = report.config
+    parts = [
+        f"The pruned model keeps {report.macs_ratio * 100:.1f} % of the base model's MACs "
+        f"(target {cfg.target_macs * 100:.1f} %) and {report.params_ratio * 100:.1f} % of its "
+        f"parameters, at a top-1 drop of {report.top1_drop:.2f} points on the test split "
+        f"(budget {cfg.max_drop:.2f})."
+    ]
+    record = _headline_latency(report)
+    if report.speedup is not None:
+        where = f" with {_runtime(report.speedup_runtime)}" if report.speedup_runtime else ""
+        if record is not None:
+            where += f" at batch {record.batch_size} on {record.device}, {record.dtype}"
+        parts.append(f"Measured speed-up: **{report.speedup:.2f}×**{where}.")
+    else:
+        parts.append("No latency was measured.")
+    return " ".join(parts)
+
+
+def _latency_section(records: Sequence[LatencyRecord]) -> list[str]:
+    lines = ["## Latency", ""]
+    if not records:
+        return [*lines, "Latency was not measured for this job.", ""]
+    devices = list(dict.fromkeys(r.device for r in records))
+    dtypes = list(dict.fromkeys(r.dtype for r in records))
+    shared = len(devices) == 1
+    intro = (
+        "Median of the timed runs after warm-up; base and pruned were timed in the same "
+        "process, alternating run by run (CUDA synchronised around every timed run)."
+    )
+    if shared:
+        intro += f" Device: {devices[0]}; dtype: {', '.join(dtypes)}."
+    header = ["Runtime", "Batch", "Base (ms)", "Pruned (ms)", "Speed-up"]
+    align = "lrrrr"
+    if not shared:
+        header.insert(2, "Device")
+        align = "lrlrrr"
+    rows: list[list[object]] = []
+    for r in records:
+        row: list[object] = [_runtime(r.runtime), r.batch_size, _ms(r.base_ms), _ms(r.pruned_ms)]
+        row.append(f"{r.speedup:.2f}×")
+        if not shared:
+            row.insert(2, r.device)
+        rows.append(row)
+    return [*lines, intro, "", *_table(header, rows, align), ""]
+
+
+def _dynamics_section(steps: Sequence[StepRecord]) -> list[str]:
+    lines = ["## Compression dynamics", ""]
+    if not steps:
+        return [*lines, "No steps were recorded.", ""]
+    lines += [
+        "Every step of the run, accuracy on the validation split. Rows marked *rolled back* were "
+        "tried and undone (the model continued from the previous row).",
+        "",
+    ]
+    rows: list[list[object]] = []
+    for s in steps:
+        step = str(s.step) if s.accepted else f"{s.step} (rolled back)"
+        rows.append([step, s.stage, _gmacs(s.macs), _mparams(s.params), _pct(s.top1), _pct(s.top5)])
+    lines += _table(["Step", "Stage", "GMACs", "Params (M)", "Top-1", "Top-5"], rows, "llrrrr")
+    details = [s for s in steps if s.detail]
+    if details:
+        lines += ["", "Step notes:", ""]
+        lines += [f"- step {s.step} ({s.stage}): {s.detail}" for s in details]
+    return [*lines, ""]
+
+
+def _guarantee_section(report: CompressionReport) -> list[str]:
+    lines = ["## Output guarantee", ""]
+    g = report.guarantee
+    if g is None:
+        return [*lines, "The output bound was not checked for this job.", ""]
+    verdict = (
+        "the bound holds for at least 99 % of validation inputs"
+        if g.delta_p99 <= g.delta_max
+        else "the bound is **exceeded** by more than 1 % of validation inputs"
+    )
+    lines += [
+        "The IDAP++ bound ‖N₀(x) − N\\*(x)‖² ≤ Δmax · ‖N₀(x)‖² is checked on the validation "
+        "split, not assumed. The 99th percentile of the relative squared error "
+        "‖N₀(x) − N\\*(x)‖² / ‖N₀(x)‖² between the base (N₀) and pruned (N\\*) outputs is "
+        f"**{g.delta_p99:.4g}** against Δmax = {g.delta_max:.4g}: {verdict}.",
+        "",
+    ]
+    return lines
+
+
+def _parity_section(report: CompressionReport) -> list[str]:
+    lines = ["## Export parity", ""]
+    if not report.parity:
+        return [*lines, "No exported model was checked.", ""]
+    atol = report.config.export.parity_atol
+    rows = [
+        [
+            FORMAT_NAMES.get(p.format, p.format),
+            p.samples,
+            f"{p.max_abs_diff:.3g}",
+            f"{atol:.3g}",
+            "pass" if p.passed else "FAIL",
+        ]
+        for p in report.parity
+    ]
+    lines += [
+        "Each artifact was reloaded (TorchScript with torch.jit.load, ONNX in ONNX Runtime on "
+        "the CPU, a plan replay by rebuilding the architecture from plan.json and the weights) "
+        "and run on real validation samples; the difference is the largest absolute difference "
+        "from the eager pruned model's logits.",
+        "",
+        *_table(["Format", "Samples", "Max abs diff", "Tolerance", "Result"], rows, "lrrrl"),
+        "",
+    ]
+    return lines
+
+
+def _timings_section(report: CompressionReport) -> list[str]:
+    lines = ["## Time and effort", ""]
+    if report.timings_s:
+        total = sum(report.timings_s.values())
+        rows: list[list[object]] = [
+            [stage, _duration(sec), f"{sec / total * 100:.0f} %" if total > 0 else "-"]
+            for stage, sec in report.timings_s.items()
+        ]
+        rows.append(["**Total**", f"**{_duration(total)}**", "100 %" if total > 0 else "-"])
+        lines += [*_table(["Stage", "Wall time", "Share"], rows, "lrr"), ""]
+    else:
+        lines += ["No stage timings were recorded.", ""]
+    if report.recovery_iterations:
+        rows = [[stage, f"{n:,}"] for stage, n in report.recovery_iterations.items()]
+        lines += [*_table(["Stage", "Recovery optimisation steps"], rows, "lr"), ""]
+    return lines
+
+
+def _settings_section(report: CompressionReport) -> list[str]:
+    cfg = report.config
+    p, t, r = cfg.prune, cfg.truncate, cfg.recovery
+    prune = (
+        f"{p.steps} steps, {p.schedule} schedule, {p.criterion} criterion, {p.ranking} ranking"
+        if p.enabled
+        else "off"
+    )
+    trunc = (
+        f"up to {t.max_layers} layers, tau {t.tau} points, {t.n_try} tries per round"
+        if t.enabled
+        else "off"
+    )
+    recovery = (
+        f"{r.distillation} distillation (T = {r.temperature}, weight {r.kd_weight}); "
+        f"{r.iters_per_step} steps after each prune step, {r.trunc_iters} after each truncation, "
+        f"{r.final_iters} final"
+    )
+    rows: list[list[object]] = [
+        ["MACs target", f"{cfg.target_macs * 100:.1f} % of the base"],
+        ["Accuracy budget", f"{cfg.max_drop:.2f} top-1 points"],
+        ["Filter pruning", prune],
+        ["Layer truncation", trunc],
+        ["Recovery", recovery],
+        [
+            "Input",
+            f"{cfg.in_chans} channel{'s' if cfg.in_chans != 1 else ''}, "
+            + (f"{cfg.input_size} px" if cfg.input_size else "the model's default size"),
+        ],
+        ["Seed", cfg.seed],
+    ]
+    if report.splits:
+        rows.append(["Splits", ", ".join(f"{k} {v:,}" for k, v in report.splits.items())])
+    if report.weights_sha256:
+        rows.append(["Pruned weights sha256", f"`{report.weights_sha256}`"])
+    return ["## Settings", "", *_table(["Setting", "Value"], rows), ""]
+
+
+def _environment_section(report: CompressionReport) -> list[str]:
+    lines = ["## Environment", ""]
+    if not report.environment:
+        return [*lines, "Not recorded.", ""]
+    rows = [[k, v] for k, v in report.environment.items()]
+    return [*lines, *_table(["Item", "Value"], rows), ""]
+
+
+def _notes_section(report: CompressionReport) -> list[str]:
+    if not report.notes:
+        return []
+    return ["## Notes", "", *[f"- {_cell(n)}" for n in report.notes], ""]
+
+
+def render_markdown(report: CompressionReport) -> str:
+    """The report as a Markdown document for people.
+
+    Sections: headline (model, dataset, base -> pruned test top-1/top-5, GMACs with FLOPs = 2 x
+    MACs stated, params, the headline speed-up with its runtime and device), latency table,
+    compression-dynamics table (Step | Stage | GMACs | Params (M) | Top-1 | Top-5 on the
+    validation split), output guarantee (p99 of the relative squared error), export parity,
+    time per stage, settings, environment, notes. No raw JSON.
+    """
+    lines = [
+        *_headline(report),
+        "",
+        *_latency_section(report.latency),
+        *_dynamics_section(report.steps),
+        *_guarantee_section(report),
+        *_parity_section(report),
+        *_timings_section(report),
+        *_settings_section(report),
+        *_environment_section(report),
+        *_notes_section(report),
+    ]
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _baseline_step(report: CompressionReport) -> StepRecord | None:
+    for s in report.steps:
+        if s.stage == "Baseline":
+            return s
+    return None
+
+
+def _metric(s: StepRecord, key: str) -> float:
+    if key == "macs":
+        return s.macs / 1e9
+    if key == "params":
+        return s.params / 1e6
+    return float(s.top1)
+
+
+_PANELS: dict[str, tuple[str, str]] = {
+    # key: (title, y label)
+    "macs": ("Compute", "GMACs per image (FLOPs = 2 × MACs)"),
+    "params": ("Parameters", "Parameters (millions)"),
+    "top1": ("Accuracy", "Top-1 on validation (%)"),
+}
+
+
+def _draw_panel(ax: Axes, report: CompressionReport, key: str, *, legend: bool) -> None:
+    """One metric over the steps: accepted steps joined by a line, stages by colour and marker,
+    rolled-back attempts as hollow grey markers, base value (and target/budget) as references."""
+    from matplotlib.ticker import MaxNLocator
+
+    steps = report.steps
+    accepted = [s for s in steps if s.accepted]
+    baseline = _baseline_step(report)
+    if key == "macs":
+        base_value = (baseline.macs if baseline else report.base.macs) / 1e9
+    elif key == "params":
+        base_value = (baseline.params if baseline else report.base.params) / 1e6
+    else:
+        base_value = baseline.top1 if baseline else report.base.top1
+
+    ax.axhline(base_value, color="#7f7f7f", linestyle="--", linewidth=1.0, label="base", zorder=1)
+    if key == "macs":
+        ax.axhline(
+            base_value * report.config.target_macs,
+            color="#CC79A7",
+            linestyle=":",
+            linewidth=1.4,
+            label=f"MACs target ({report.config.target_macs * 100:.0f} % of base)",
+            zorder=1,
+        )
+    if key == "top1":
+        ax.axhline(
+            base_value - report.config.max_drop,
+            color="#CC79A7",
+            linestyle="-.",
+            linewidth=1.2,
+            label=f"accuracy budget (base − {report.config.max_drop:g} pts)",
+            zorder=1,
+        )
+    if accepted:
+        ax.plot(
+            [s.step for s in accepted],
+            [_metric(s, key) for s in accepted],
+            color="#bbbbbb",
+            linewidth=1.5,
+            zorder=2,
+        )
+    present = [st for st in STAGE_ORDER if any(s.stage == st for s in accepted)]
+    for stage in present:
+        color, marker = STAGE_STYLE[stage]
+        points = [s for s in accepted if s.stage == stage]
+        ax.scatter(
+            [s.step for s in points],
+            [_metric(s, key) for s in points],
+            color=color,
+            marker=marker,
+            s=42,
+            label=stage,
+            zorder=3,
+            edgecolors="white",
+            linewidths=0.6,
+        )
+    rejected = [s for s in steps if not s.accepted]
+    if rejected:
+        ax.scatter(
+            [s.step for s in rejected],
+            [_metric(s, key) for s in rejected],
+            facecolors="none",
+            edgecolors="#7f7f7f",
+            marker="o",
+            s=42,
+            label="rolled back",
+            zorder=3,
+        )
+    if accepted:
+        last = accepted[-1]
+        value = _metric(last, key)
+        text = f"{value:.2f}" if key == "top1" else f"{value:.3g}"
+        # Cost falls towards the target line, so its label goes under the point; accuracy's
+        # budget line lies below, so its label goes above.
+        below = key in ("macs", "params")
+        ax.annotate(
+            text,
+            (last.step, value),
+            textcoords="offset points",
+            xytext=(0, -10 if below else 8),
+            ha="center",
+            va="top" if below else "bottom",
+            fontsize=8,
+        )
+    title, ylabel = _PANELS[key]
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("Step")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    if key in ("macs", "params"):
+        ax.set_ylim(bottom=0)
+    if legend:
+        ax.legend(fontsize=8, frameon=False, loc="best")
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_dynamics(report: CompressionReport, out_dir: Path) -> list[str]:
+    """Draw the compression dynamics into ``out_dir`` and return the file names written.
+
+    ``macs.png``, ``params.png`` and ``top1.png`` plot one metric each over the steps (x =
+    step; stages by colour and marker with a legend; the base value as a dashed reference
+    line, plus the MACs target or the accuracy budget as a dotted one; rolled-back steps
+    hollow), and ``dynamics.png`` puts the three side by side. Accuracy is on the validation
+    split. Nothing is written (and ``[]`` returned) when the report has no steps.
+    """
+    from matplotlib.figure import Figure
+
+    if not report.steps:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    subtitle = f"{report.model} on {report.dataset}"
+    for key in ("macs", "params", "top1"):
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+        _draw_panel(ax, report, key, legend=True)
+        ax.set_title(f"{_PANELS[key][0]}: {subtitle}", fontsize=11)
+        name = f"{key}.png"
+        atomic_write_bytes(out_dir / name, _png(fig))
+        written.append(name)
+
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, key in zip(axes, ("macs", "params", "top1"), strict=True):
+        _draw_panel(ax, report, key, legend=False)
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(
+        list(handles.values()),
+        list(handles.keys()),
+        loc="outside lower center",
+        ncol=len(handles),
+        frameon=False,
+        fontsize=9,
+    )
+    fig.suptitle(f"Compression dynamics: {subtitle}", fontsize=13)
+    atomic_write_bytes(out_dir / "dynamics.png", _png(fig))
+    written.append("dynamics.png")
+    return written
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_report(report: CompressionReport, out_dir: Path) -> list[str]:
+    """Write ``report.json`` (the pydantic model, indented), ``report.md`` and the plots into
+    ``out_dir``, each atomically; return the file names written, in that order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / REPORT_JSON, report.model_dump_json(indent=2) + "\n")
+    atomic_write_text(out_dir / REPORT_MD, render_markdown(report))
+    return [REPORT_JSON, REPORT_MD, *plot_dynamics(report, out_dir)]
+
+
+__all__ = [
+    "PLOT_NAMES",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "plot_dynamics",
+    "render_markdown",
+    "write_report",
+]

@@ -1,0 +1,66 @@
+"""The Celery application: one job per device, late acks, fresh child per job.
+
+Why each setting:
+- ``worker_prefetch_multiplier=1`` and concurrency 1: a worker owns one device and must not
+  hold a second job hostage while the first runs for hours.
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job whose worker dies is redelivered,
+  not lost; the job store decides whether a redelivery runs, takes over, or is a no-op.
+- ``visibility_timeout`` above the hard time limit: Redis must not redeliver a job that is
+  still legitimately running.
+- ``worker_max_tasks_per_child=1``: every job runs in a fresh process, so GPU memory and
+  library state never leak from one job into the next; torch is imported only in that child.
+- ``worker_cancel_long_running_tasks_on_connection_loss``: if the broker connection drops the
+  message is redelivered; stopping the local run avoids two workers on one job.
+- The result backend is disabled: the job store is the single source of truth.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.broker import celery_broker_url
+from worker.settings import WorkerSettings
+
+TASK_NAME = "flow_compress.compress_job"
+
+
+class FlowCelery(Celery):
+    """A Celery app that carries the service settings its tasks read."""
+
+    settings: WorkerSettings
+
+
+def create_celery(settings: WorkerSettings) -> FlowCelery:
+    """Build the app for ``settings`` (the API uses it to enqueue, the worker to consume)."""
+    if not settings.redis_url:
+        raise ValueError("FLOW_COMPRESS_REDIS_URL is not set")
+    app = FlowCelery(
+        "flow_compress", broker=celery_broker_url(settings.redis_url), include=["worker.tasks"]
+    )
+    app.settings = settings
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_routes={TASK_NAME: {"queue": settings.queue}},
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_soft_time_limit=settings.soft_time_limit,
+        task_time_limit=settings.hard_time_limit,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Celery's own keys share the store's namespace, so one Redis can host several
+            # installations (or test sessions) side by side.
+            "global_keyprefix": f"{settings.key_prefix}celery:",
+        },
+    )
+    return app
