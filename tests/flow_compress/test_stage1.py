@@ -1,4 +1,5 @@
 import copy
+import itertools
 
 import torch
 
@@ -16,7 +17,7 @@ def test_decay_schedule_is_front_loaded_and_ends_at_target() -> None:
     f = decay_schedule(0.3, 6)
     assert abs(f[-1] - 0.3) < 1e-9
     cuts = [1 - f[0]] + [f[i - 1] - f[i] for i in range(1, len(f))]
-    assert all(a >= b for a, b in zip(cuts, cuts[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(cuts))
     assert all(0.3 <= x < 1 for x in f)
 
 
