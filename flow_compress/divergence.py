@@ -14,7 +14,7 @@ import torch
 
 
 def _row_norms(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().float().flatten(1).norm(dim=1)
+    return weight.detach().float().flatten(1).norm(dim=1).cpu()
 
 
 def conv_channel_scores(
@@ -30,7 +30,7 @@ def conv_channel_scores(
         raise ValueError(f"act_norm has shape {tuple(act_norm.shape)}, expected ({c},)")
     if spatial_size <= 0:
         raise ValueError("spatial_size must be positive")
-    return act_norm.float() * _row_norms(weight) / (c * spatial_size)
+    return act_norm.float().cpu() * _row_norms(weight) / (c * spatial_size)
 
 
 def linear_neuron_scores(
@@ -45,7 +45,7 @@ def linear_neuron_scores(
         raise ValueError(f"act_norm has shape {tuple(act_norm.shape)}, expected ({d},)")
     if tokens <= 0:
         raise ValueError("tokens must be positive")
-    return act_norm.float() * _row_norms(weight) / (d * tokens)
+    return act_norm.float().cpu() * _row_norms(weight) / (d * tokens)
 
 
 def head_scores(
@@ -67,11 +67,11 @@ def head_scores(
         raise ValueError("tokens must be positive")
 
     def per_head(w: torch.Tensor) -> torch.Tensor:
-        rows = w.detach().float().reshape(num_heads, -1)
+        rows = w.detach().float().cpu().reshape(num_heads, -1)
         return rows.norm(dim=1)
 
     weight_term = per_head(w_q) + per_head(w_k) + per_head(w_v)
-    return head_out_norm.float() * weight_term / tokens
+    return head_out_norm.float().cpu() * weight_term / tokens
 
 
 def residual_score(branch_norm: torch.Tensor, input_norm: torch.Tensor) -> float:

@@ -308,7 +308,7 @@ class FilterPruner:
 def _consumer_weights(g: PrunableGroup) -> torch.Tensor:
     norms = []
     for c in g.consumers:
-        w = c.module.weight.detach().float()  # type: ignore[union-attr]
+        w = c.module.weight.detach().float().cpu()  # type: ignore[union-attr]
         col = w.transpose(0, 1).flatten(1).norm(dim=1)  # per input channel
         per_root = torch.zeros(g.size)
         idx = torch.tensor(c.idxs, dtype=torch.long)

@@ -1,0 +1,109 @@
+"""CUDA checks for a GPU machine: AMP recovery, CUDA latency timing, export parity from a CUDA
+model, and one whole compression on the GPU.
+
+Usage: python scripts/gpu_check.py OUT_DIR   (writes gpu_check.json, report.json, report.md)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flow_compress.config import CompressionConfig, TrainConfig
+from flow_compress.data import load_dataset
+from flow_compress.evaluate import evaluate
+from flow_compress.models import build_model
+from flow_compress.pipeline import compress
+from flow_compress.recovery import LoopSettings, fit
+from flow_compress.train import train
+
+
+def amp_check(device: torch.device) -> dict[str, float]:
+    """Same 60 recovery steps in fp32 and with AMP: time and accuracy after each."""
+    data = load_dataset("digits", input_size=224, in_chans=3)
+    out: dict[str, float] = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet50", 10, input_size=224).to(device)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fit(model, data.forever(64, seed=0), LoopSettings(iters=60, lr=0.05, amp=amp), device)
+        torch.cuda.synchronize()
+        key = "amp" if amp else "fp32"
+        out[f"{key}_seconds"] = round(time.perf_counter() - t, 3)
+        out[f"{key}_val_top1"] = evaluate(model, data.loader("val", 256), device)[0]
+    return out
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    result: dict[str, object] = {
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    result["amp_recovery"] = amp_check(device)
+    work = out / "work"
+    t = time.perf_counter()
+    tr = train(
+        TrainConfig(
+            model="resnet50",
+            dataset="digits",
+            input_size=224,
+            epochs=4,
+            lr=0.05,
+            batch_size=64,
+            device="cuda",
+        ),
+        work / "base",
+    )
+    result["train"] = {"seconds": round(time.perf_counter() - t, 2), "test_top1": tr.test_top1}
+    cfg = CompressionConfig.model_validate(
+        {
+            "model": "resnet50",
+            "dataset": "digits",
+            "input_size": 224,
+            "target_macs": 0.35,
+            "max_drop": 3.0,
+            "device": "cuda",
+            "prune": {"steps": 4},
+            "truncate": {"max_layers": 2, "n_try": 2},
+            "recovery": {
+                "iters_per_step": 40,
+                "trunc_iters": 20,
+                "final_iters": 120,
+                "batch_size": 64,
+            },
+            "latency": {"runs": 50, "warmup": 10, "batch_sizes": [1, 32]},
+        }
+    )
+    t = time.perf_counter()
+    report = compress(cfg, weights=work / "base" / "weights.safetensors", out_dir=work / "out")
+    result["compress_seconds"] = round(time.perf_counter() - t, 2)
+    result["report_summary"] = {
+        "base_top1": report.base.top1,
+        "pruned_top1": report.pruned.top1,
+        "macs": [report.base.macs, report.pruned.macs],
+        "params": [report.base.params, report.pruned.params],
+        "speedup": report.speedup,
+        "speedup_runtime": report.speedup_runtime,
+        "latency": [r.model_dump() for r in report.latency],
+        "parity": [p.model_dump() for p in report.parity],
+        "timings_s": report.timings_s,
+    }
+    for name in ("report.json", "report.md", "dynamics.png"):
+        shutil.copy(work / "out" / name, out / name)
+    shutil.rmtree(work, ignore_errors=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
