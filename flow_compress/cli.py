@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from flow_compress.errors import FlowCompressError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from flow_compress.schema import ProgressEvent
 
 app = typer.Typer(
     name="flow-compress",
@@ -140,11 +145,9 @@ def compress(
 ) -> None:
     """Compress a model to a MACs target within an accuracy budget; writes every artifact."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flow_compress.config import CompressionConfig
     from flow_compress.pipeline import compress as run_compress
-    from flow_compress.schema import ProgressEvent
 
     raw: dict[str, Any] = json.loads(config.read_text()) if config else {}
     raw.update(
@@ -175,29 +178,7 @@ def compress(
     console = Console(stderr=True)
     try:
         cfg = CompressionConfig.model_validate(raw)
-        with Progress(
-            TextColumn("[bold]{task.fields[stage]:<16}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            task = bar.add_task("compress", total=100, stage="starting", info="")
-
-            def on_progress(ev: ProgressEvent) -> None:
-                info = []
-                if ev.macs is not None:
-                    info.append(f"{ev.macs / 1e6:.1f} MMACs")
-                if ev.top1 is not None:
-                    info.append(f"val top-1 {ev.top1:.2f}")
-                if ev.message:
-                    info.append(ev.message)
-                bar.update(task, completed=ev.percent, stage=ev.stage, info="  ".join(info))
-
-            report = run_compress(
-                cfg, weights=weights, out_dir=out, progress=on_progress, overwrite=overwrite
-            )
+        report = _run_with_progress(console, run_compress, cfg, weights, out, overwrite)
     except (FlowCompressError, ValidationError) as exc:
         raise _fail(exc) from exc
     speed = f"{report.speedup:.2f}× ({report.speedup_runtime})" if report.speedup else "n/a"
@@ -207,6 +188,47 @@ def compress(
         f"({report.macs_ratio:.1%})  params {report.base.params / 1e6:.2f}M → "
         f"{report.pruned.params / 1e6:.2f}M  speed-up {speed}\nartifacts: {out}"
     )
+
+
+def _describe(ev: ProgressEvent) -> str:
+    info = []
+    if ev.macs is not None:
+        info.append(f"{ev.macs / 1e6:.1f} MMACs")
+    if ev.top1 is not None:
+        info.append(f"val top-1 {ev.top1:.2f}")
+    if ev.message:
+        info.append(ev.message)
+    return "  ".join(info)
+
+
+def _run_with_progress(
+    console: Console, run: Any, cfg: Any, weights: Path | None, out: Path, overwrite: bool
+) -> Any:
+    """A live bar on a terminal; one plain line per step otherwise (CI logs stay readable)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not console.is_terminal:
+
+        def log(ev: ProgressEvent) -> None:
+            console.print(
+                f"[{ev.percent:5.1f}%] {ev.stage} {ev.step}/{ev.total_steps}  {_describe(ev)}"
+            )
+
+        return run(cfg, weights=weights, out_dir=out, progress=log, overwrite=overwrite)
+    with Progress(
+        TextColumn("[bold]{task.fields[stage]:<16}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("compress", total=100, stage="starting", info="")
+
+        def on_progress(ev: ProgressEvent) -> None:
+            bar.update(task, completed=ev.percent, stage=ev.stage, info=_describe(ev))
+
+        return run(cfg, weights=weights, out_dir=out, progress=on_progress, overwrite=overwrite)
 
 
 def main() -> None:
