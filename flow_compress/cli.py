@@ -72,6 +72,7 @@ def train(
     pretrained: Annotated[bool, typer.Option(help="Start from published weights.")] = False,
 ) -> None:
     """Train a registered architecture on a dataset reference (to get a base model here)."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flow_compress.config import DataConfig, TrainConfig
@@ -91,19 +92,29 @@ def train(
             pretrained=pretrained,
             data=DataConfig(max_train_samples=max_train_samples),
         )
-        with Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.3f}"),
-            TimeRemainingColumn(),
-        ) as bar:
-            task = bar.add_task("train", total=None, loss=float("nan"))
+        console = Console(stderr=True)
+        if console.is_terminal:
+            with Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TimeRemainingColumn(),
+                console=console,
+            ) as bar:
+                task = bar.add_task("train", total=None, loss=float("nan"))
 
-            def on_iter(i: int, total: int, loss: float) -> None:
-                bar.update(task, completed=i + 1, total=total, loss=loss)
+                def on_iter(i: int, total: int, loss: float) -> None:
+                    bar.update(task, completed=i + 1, total=total, loss=loss)
 
-            result = run_train(cfg, out, on_iter=on_iter)
+                result = run_train(cfg, out, on_iter=on_iter)
+        else:
+
+            def log_iter(i: int, total: int, loss: float) -> None:
+                if i % 50 == 0 or i + 1 == total:
+                    console.print(f"train {i + 1}/{total}  loss {loss:.3f}")
+
+            result = run_train(cfg, out, on_iter=log_iter)
     except (FlowCompressError, ValidationError) as exc:
         raise _fail(exc) from exc
     typer.echo(
