@@ -241,6 +241,7 @@ def compress(
             weights_sha,
             notes,
             load_s,
+            t0,
         )
         names = write_report(report, scratch)
         files = sorted({p.name for p in scratch.iterdir() if p.is_file()} | set(names))
@@ -286,6 +287,7 @@ def _build_report(
     weights_sha: str | None,
     notes: list[str],
     load_s: float,
+    started: float,
 ) -> CompressionReport:
     pruned_macs, pruned_params = ctx.cost(pruned)
 
@@ -299,7 +301,11 @@ def _build_report(
         (r for r in latency if r.runtime == "onnxruntime" and r.batch_size == 1),
         latency[0] if latency else None,
     )
-    timings = {"load": load_s, **{k: float(v) for k, v in ctx.timings.items()}}
+    timings = {
+        "load": load_s,
+        **{k: float(v) for k, v in ctx.timings.items()},
+        "total": time.perf_counter() - started,
+    }
     env = environment()
     env["device_used"] = str(ctx.device)
     return CompressionReport(
