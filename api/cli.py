@@ -286,16 +286,21 @@ def submit(
     model: Annotated[str | None, typer.Option(help="Architecture name, e.g. resnet18.")] = None,
     weights: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="Weights to upload (safetensors or a "
-                     "weights-only state dict)."),
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Weights to upload (safetensors or a weights-only state dict).",
+        ),
     ] = None,
     weights_uri: Annotated[
         str | None, typer.Option(help="Weights already on the server (under its storage root).")
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option(help="Dataset reference (digits, fashion-mnist, imagefolder:PATH) or a "
-                     "local zip/tar of an ImageFolder to upload."),
+        typer.Option(
+            help="Dataset reference (digits, fashion-mnist, imagefolder:PATH) or a "
+            "local zip/tar of an ImageFolder to upload."
+        ),
     ] = None,
     target_macs: Annotated[
         float | None, typer.Option(help="Fraction of the base MACs to keep (0-1].")

@@ -106,9 +106,7 @@ class Client:
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/v1/jobs/{job_id}/artifacts").json()["files"]  # type: ignore[no-any-return]
 
-    def download(
-        self, job_id: str, dest: Path, names: list[str] | None = None
-    ) -> list[Path]:
+    def download(self, job_id: str, dest: Path, names: list[str] | None = None) -> list[Path]:
         """Stream artifacts into ``dest``, checking each sha256 against the manifest; a file
         appears under its name only once complete and verified."""
         dest.mkdir(parents=True, exist_ok=True)

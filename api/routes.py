@@ -122,9 +122,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     records, total = _store(request).list(owner, state=state, offset=offset, limit=limit)
-    return JobList(
-        items=[JobView.of(r) for r in records], total=total, offset=offset, limit=limit
-    )
+    return JobList(items=[JobView.of(r) for r in records], total=total, offset=offset, limit=limit)
 
 
 @jobs.get("/{job_id}", response_model=JobView, responses=_ERRORS, summary="Poll a job")

@@ -115,7 +115,10 @@ class Storage:
         path = folder / MANIFEST
         if not path.is_file():
             return None
-        return Manifest.model_validate_json(path.read_bytes())
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except ValueError as exc:  # pydantic's ValidationError included
+            raise ArtifactCorruptError(f"{MANIFEST} is malformed: {exc}") from exc
 
     def read_manifest(self, job_id: str) -> Manifest | None:
         """The published manifest, or None when the job has published nothing."""

@@ -114,7 +114,10 @@ def make_report(**overrides: object) -> CompressionReport:
             ParityRecord(format="torchscript", max_abs_diff=0.0, samples=64, passed=True),
             ParityRecord(format="onnx", max_abs_diff=2.1e-6, samples=64, passed=True),
         ],
-        "timings_s": {"Filter Prune": 412.9, "Layer Trunc": 96.0, "Final Fine-Tune": 201.4},
+        "timings_s": {
+            "scoring": 20.0, "surgery": 10.0, "recovery": 600.0, "evaluation": 60.0,
+            "stage1_total": 412.9, "stage2_total": 96.0, "finetune_total": 201.4, "total": 710.0,
+        },
         "environment": {"device": CPU, "torch": "2.14.1", "onnxruntime": "1.32.0"},
         "splits": {"train": 54000, "val": 6000, "test": 10000},
         "weights_sha256": "ab" * 32,
@@ -175,8 +178,9 @@ def test_markdown_guarantee_parity_timings_environment_notes(report: Compression
     assert "holds for at least 99 %" in md
     assert "| ONNX | 64 | 2.1e-06 | 0.001 | pass |" in md
     assert "| TorchScript | 64 | 0 | 0.001 | pass |" in md
-    assert "| Filter Prune | 6 min 53 s | 58 % |" in md
-    assert "| **Total** | **11 min 50 s** | 100 % |" in md
+    assert "| recovery | 10 min 00 s | 85 % |" in md
+    assert "| **Total (wall)** | **11 min 50 s** | 100 % |" in md
+    assert "| Filter Prune (stage 1) | 6 min 53 s |" in md
     assert "| torch | 2.14.1 |" in md
     assert "- Truncation stopped after 2 removals" in md
     assert '"schema_version"' not in md and "{'" not in md, "no raw dumps"
