@@ -24,7 +24,7 @@ from flow_compress.train import train
 
 
 def amp_check(device: torch.device) -> dict[str, float]:
-    """Same 150 training steps in fp32 and with AMP: time and accuracy after each."""
+    """Same 60 recovery steps in fp32 and with AMP: time and accuracy after each."""
     data = load_dataset("digits", input_size=224, in_chans=3)
     out: dict[str, float] = {}
     for amp in (False, True):
@@ -32,7 +32,7 @@ def amp_check(device: torch.device) -> dict[str, float]:
         model = build_model("resnet50", 10, input_size=224).to(device)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        fit(model, data.forever(64, seed=0), LoopSettings(iters=150, lr=0.02, amp=amp), device)
+        fit(model, data.forever(64, seed=0), LoopSettings(iters=60, lr=0.05, amp=amp), device)
         torch.cuda.synchronize()
         key = "amp" if amp else "fp32"
         out[f"{key}_seconds"] = round(time.perf_counter() - t, 3)
@@ -57,8 +57,8 @@ def main() -> None:
             model="resnet50",
             dataset="digits",
             input_size=224,
-            epochs=15,
-            lr=0.02,
+            epochs=4,
+            lr=0.05,
             batch_size=64,
             device="cuda",
         ),
@@ -76,9 +76,9 @@ def main() -> None:
             "prune": {"steps": 4},
             "truncate": {"max_layers": 2, "n_try": 2},
             "recovery": {
-                "iters_per_step": 60,
-                "trunc_iters": 30,
-                "final_iters": 200,
+                "iters_per_step": 40,
+                "trunc_iters": 20,
+                "final_iters": 120,
                 "batch_size": 64,
             },
             "latency": {"runs": 50, "warmup": 10, "batch_sizes": [1, 32]},
