@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flow_compress import attention
 from flow_compress.data import Batch
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -92,18 +93,66 @@ def collect_unit_stats(
 
 
 @torch.no_grad()
+def collect_head_stats(
+    model: nn.Module,
+    layers: Iterable[str],
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> dict[str, UnitStats]:
+    """E_x||A_h(x)||_F per head of each self-attention layer in ``layers`` (paths), with the
+    token count N as ``spatial``. A_h = softmax(Q_h K_hᵀ/√d)·V_h is recomputed from the
+    layer's input in a pre-hook (``attention.head_output_norms``)."""
+    modules = dict(model.named_modules())
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    tokens: dict[str, int] = {}
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            x = attention.self_attention_input(m, args, kwargs)
+            if x is None:
+                return
+            norms = attention.head_output_norms(m, x.detach()).sum(dim=0).cpu()
+            totals[name] = norms if name not in totals else totals[name] + norms
+            counts[name] = counts.get(name, 0) + int(x.shape[0])
+            tokens[name] = int(x.shape[1])
+
+        return fn
+
+    names = list(layers)
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(hook(name), with_kwargs=True))
+        model.eval()
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in totals]
+    if missing:
+        raise RuntimeError(f"attention layers {missing} saw no self-attention call")
+    return {n: UnitStats(totals[n] / counts[n], tokens[n]) for n in names}
+
+
+@torch.no_grad()
 def collect_block_norms(
     model: nn.Module,
     blocks: Mapping[str, str | None],
     batches: Iterable[Batch],
     device: torch.device,
+    ends: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-sample (||F(x)||_2, ||x||_2) for each block, for D_res.
 
     ``blocks`` maps a block path to the path of the module whose output is the residual
     branch F(x) (e.g. ``bn2`` of a BasicBlock), or to None for plain shape-preserving layers,
-    where F(x) is taken as ``block(x) - x`` (what the block adds to the flow).
+    where F(x) is taken as ``block(x) - x`` (what the block adds to the flow). ``ends`` maps
+    a block to the last module of a run of sibling layers that starts at the block (VGG's
+    conv → BN → ReLU): x is the block's input and F(x) is the run's output minus x.
     """
+    ends = ends or {}
     modules = dict(model.named_modules())
     inputs: dict[str, list[torch.Tensor]] = {k: [] for k in blocks}
     branches: dict[str, list[torch.Tensor]] = {k: [] for k in blocks}
@@ -137,7 +186,8 @@ def collect_block_norms(
             block = modules[name]
             handles.append(block.register_forward_pre_hook(pre_hook(name)))
             if branch is None:
-                handles.append(block.register_forward_hook(block_hook(name)))
+                last = modules[ends[name]] if name in ends else block
+                handles.append(last.register_forward_hook(block_hook(name)))
             else:
                 handles.append(modules[f"{name}.{branch}"].register_forward_hook(branch_hook(name)))
         model.eval()

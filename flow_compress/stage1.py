@@ -19,6 +19,12 @@ Choices this implementation makes where ALGORITHM.md leaves room:
   ``round_to``.
 - A step re-scores and prunes again (at most three passes) when rounding or coupling left its
   MACs more than 1 % above the step target.
+- Attention heads share the global ranking with channels and neurons. A head's score is the
+  paper's δ(h) divided by the layer's attention width H·d_h — the 1/D_l width normalisation
+  the channel and neuron formulas carry — so that a head ranks like the block of d_h
+  channels it removes; within a layer the order is exactly the paper's. A head group keeps at
+  least one head and ``ceil((1 - max_layer_ratio) * original)`` heads; ``min_channels`` and
+  ``round_to`` apply to channels only.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flow_compress import divergence
-from flow_compress.calibration import collect_unit_stats
+from flow_compress import attention, divergence
+from flow_compress.calibration import UnitStats, collect_head_stats, collect_unit_stats
 from flow_compress.context import Context
 from flow_compress.models import classifier_path
 from flow_compress.tp_adapter import PrunableGroup, PruningGraph
@@ -87,8 +93,15 @@ class FilterPruner:
                 for p in g.producers:
                     taps[p.name] = graph.tap_for(p.module)
             stats = collect_unit_stats(model, taps, calib, ctx.device)
+            heads = [g.root_name for g in groups if g.unit == "head"]
+            head_stats = collect_head_stats(model, heads, calib, ctx.device) if heads else {}
             out = []
             for g in groups:
+                if g.unit == "head":
+                    out.append(
+                        _head_scores(model.get_submodule(g.root_name), head_stats[g.root_name])
+                    )
+                    continue
                 score = torch.zeros(g.size, dtype=torch.float64)
                 for p in g.producers:
                     st = stats[p.name]
@@ -126,6 +139,8 @@ class FilterPruner:
 
     def _keep_min(self, g: PrunableGroup) -> int:
         orig = self.original_sizes.setdefault(g.root_name, g.size)
+        if g.unit == "head":
+            return min(g.size, max(1, math.ceil((1 - self.cfg.max_layer_ratio) * orig)))
         keep = max(self.cfg.min_channels, math.ceil((1 - self.cfg.max_layer_ratio) * orig))
         if self.cfg.round_to:
             keep = math.ceil(keep / self.cfg.round_to) * self.cfg.round_to
@@ -171,7 +186,7 @@ class FilterPruner:
         for gi, chosen in picked.items():
             g = groups[gi]
             n_remove = len(chosen)
-            if self.cfg.round_to:
+            if self.cfg.round_to and g.unit == "channel":
                 kept = math.ceil((g.size - n_remove) / self.cfg.round_to) * self.cfg.round_to
                 n_remove = max(0, g.size - kept)
             chosen = chosen[:n_remove]  # lowest keys were picked first
@@ -188,6 +203,7 @@ class FilterPruner:
         with self.ctx.timer("surgery"):
             for name, idxs in sel.removals.items():
                 entries.append(graph.prune(by_name[name], idxs))
+            graph.verify(list(sel.removals))
         return entries
 
     # ------------------------------------------------------------ one cut
@@ -303,6 +319,14 @@ class FilterPruner:
         graph = self._graph(model)
         total = sum(g.size for g in graph.groups())
         return max(1, int(ratio * total))
+
+
+def _head_scores(layer: nn.Module, stats: UnitStats) -> torch.Tensor:
+    """δ(h) / (H·d_h) per head (see the module docstring for the width normalisation)."""
+    num_heads, head_dim, _ = attention.geometry(layer)
+    wq, wk, wv = attention.qkv_weights(layer)
+    delta = divergence.head_scores(stats.act_norm, wq, wk, wv, num_heads, stats.spatial)
+    return (delta / (num_heads * head_dim)).float()
 
 
 def _consumer_weights(g: PrunableGroup) -> torch.Tensor:

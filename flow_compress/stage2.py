@@ -10,6 +10,10 @@ acceptance. The stage stops after ``max_layers`` removals or a round with no acc
 Choice: stage 1 already meets the MACs target, so stage 2 does not stop on the target — it
 keeps removing blocks while the accuracy budget allows (up to ``max_layers``), because removed
 depth is the cheapest latency there is; set ``truncate.max_layers=0`` to keep depth.
+
+A candidate may span several sibling modules (VGG's conv → BN → ReLU): all of them are
+replaced together, and the plan records one ``replace`` operation per module path, so
+``plan.apply_plan`` replays it with no special case.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ def block_scores(model: nn.Module, ctx: Context) -> dict[str, float]:
         return {}
     calib = ctx.data.calibration_batches(cfg.calibration_batches, ctx.config.data.eval_batch_size)
     with ctx.timer("scoring"):
-        norms = collect_block_norms(model, {c.name: c.branch for c in cands}, calib, ctx.device)
+        norms = collect_block_norms(
+            model,
+            {c.name: c.branch for c in cands},
+            calib,
+            ctx.device,
+            ends={c.name: c.span[-1] for c in cands if c.span},
+        )
     return {name: divergence.residual_score(b, x) for name, (b, x) in norms.items()}
 
 
@@ -53,15 +63,21 @@ def run_stage2(model: nn.Module, ctx: Context) -> nn.Module:
         for name in order:
             ctx.check_cancel()
             trial = copy.deepcopy(model)
+            cand = cands[name]
             with ctx.timer("surgery"):
                 block = trial.get_submodule(name)
-                replace_module(trial, name, make_replacement(block, cands[name].kind))
+                replace_module(trial, name, make_replacement(block, cand.kind))
+                for extra in cand.span:
+                    replace_module(trial, extra, make_replacement(block, "identity"))
             ctx.recover(trial, ctx.config.recovery.trunc_iters, STAGE)
             top1, top5 = ctx.val_accuracy(trial)
             rise = current_top1 - top1
             if rise <= cfg.tau and ctx.drop(top1) <= ctx.config.max_drop:
                 model = trial
-                ctx.plan_ops.append({"op": "replace", "module": name, "with": cands[name].kind})
+                ctx.plan_ops.append({"op": "replace", "module": name, "with": cand.kind})
+                ctx.plan_ops.extend(
+                    {"op": "replace", "module": extra, "with": "identity"} for extra in cand.span
+                )
                 removed += 1
                 current_top1 = top1
                 rec = ctx.record(

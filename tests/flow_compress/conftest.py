@@ -52,6 +52,7 @@ def small_config(**overrides: object) -> CompressionConfig:
         "input_size": SIZE,
         "target_macs": 0.5,
         "max_drop": 30.0,
+        "device": "cpu",
         "prune": {"steps": 2, "calibration_batches": 1},
         "truncate": {"max_layers": 1, "n_try": 2, "calibration_batches": 1, "tau": 30.0},
         "recovery": {"iters_per_step": 3, "trunc_iters": 2, "final_iters": 3, "batch_size": 32},

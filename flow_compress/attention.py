@@ -1,0 +1,396 @@
+"""Attention heads as prunable units (ALGORITHM.md, "attention head" score; ViT notes).
+
+Two self-attention layouts are recognised, both with a packed Q/K/V projection whose rows are
+``[Q | K | V]`` and, inside each, grouped by head (row ``s·A + h·d + i`` for part ``s``, head
+``h``, channel ``i``; ``A = H·d`` is the attention width):
+
+- ``torch.nn.MultiheadAttention`` (torchvision's ViT): its functional forward requires
+  ``embed_dim == num_heads · head_dim``, so a pruned layer cannot stay an ``nn.MultiheadAttention``.
+  It is converted to ``PrunedMultiheadAttention``, which keeps the same call signature, return
+  value and state-dict keys (``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``) but lets the
+  attention width differ from the embedding width.
+- timm's ``Attention`` (``qkv`` → heads → ``norm`` → ``proj``): pruned in place; ``num_heads``
+  and ``attn_dim`` are updated (``head_dim`` and the softmax scale are unchanged, because whole
+  heads are removed).
+
+Removing head ``h`` removes its Q, K and V rows and the matching input columns of the output
+projection, so forward, TorchScript and ONNX all see consistent shapes. Nothing here imports
+torch-pruning; ``flow_compress.tp_adapter`` makes these modules opaque to DepGraph and exposes
+their heads as groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flow_compress.errors import UnsupportedModelError
+
+
+def _timm_attention_type() -> type[nn.Module] | None:
+    try:
+        from timm.layers import Attention
+    except ImportError:  # timm is optional for torchvision-only users
+        return None
+    return Attention  # type: ignore[no-any-return]
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Multi-head attention whose attention width ``num_heads · head_dim`` may be smaller than
+    ``embed_dim`` (a head-pruned ``nn.MultiheadAttention``).
+
+    Same call signature and return value as ``nn.MultiheadAttention`` (``(output, weights)``;
+    weights are ``None`` unless ``need_weights``), same parameter names, so checkpoints of a
+    pruned model load into a rebuilt one. Masks follow ``nn.MultiheadAttention``: a boolean
+    ``attn_mask`` (L×S or (B·H)×L×S) or ``key_padding_mask`` (B×S) marks positions that may
+    *not* be attended; a float ``attn_mask`` is added to the logits.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError("an attention layer needs at least one head of at least one channel")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.batch_first = batch_first
+        width = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width)) if bias else None
+        self.out_proj = nn.Linear(width, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:
+        """An exact functional copy of ``mha`` (same weights, same outputs)."""
+        if not _mha_is_prunable(mha):
+            raise UnsupportedModelError(
+                "nn.MultiheadAttention with separate key/value dims, bias_k/bias_v or "
+                "add_zero_attn cannot be head-pruned"
+            )
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            mha.head_dim,
+            bias=mha.in_proj_bias is not None,
+            dropout=float(mha.dropout),
+            batch_first=mha.batch_first,
+        )
+        new.out_proj = nn.Linear(mha.embed_dim, mha.embed_dim, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(mha.in_proj_weight)
+            if new.in_proj_bias is not None and mha.in_proj_bias is not None:
+                new.in_proj_bias.copy_(mha.in_proj_bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if new.out_proj.bias is not None and mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype).train(mha.training)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        b, n, _ = query.shape
+        s = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        w = self.in_proj_weight
+        width = h * d
+        bias = self.in_proj_bias
+        bq = bias[:width] if bias is not None else None
+        bk = bias[width : 2 * width] if bias is not None else None
+        bv = bias[2 * width :] if bias is not None else None
+        q = F.linear(query, w[:width], bq).reshape(b, n, h, d).transpose(1, 2)
+        k = F.linear(key, w[width : 2 * width], bk).reshape(b, s, h, d).transpose(1, 2)
+        v = F.linear(value, w[2 * width :], bv).reshape(b, s, h, d).transpose(1, 2)
+        logits = torch.matmul(q * (float(d) ** -0.5), k.transpose(-2, -1))
+        if is_causal and attn_mask is None:
+            causal = torch.ones(n, s, dtype=torch.bool, device=query.device).triu(1)
+            logits = logits.masked_fill(causal, float("-inf"))
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(b, h, n, s)
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(mask, float("-inf"))
+            else:
+                logits = logits + mask
+        if key_padding_mask is not None:
+            pad = key_padding_mask.reshape(b, 1, 1, s)
+            if pad.dtype == torch.bool:
+                logits = logits.masked_fill(pad, float("-inf"))
+            else:
+                logits = logits + pad
+        attn = torch.softmax(logits, dim=-1)
+        if self.training and self.dropout > 0.0:
+            attn = F.dropout(attn, p=self.dropout)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, width)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        weights: torch.Tensor | None = None
+        if need_weights:
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+        return out, weights
+
+
+def _mha_is_prunable(m: nn.MultiheadAttention) -> bool:
+    return bool(
+        m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+    )
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention layer this module can prune heads of."""
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_is_prunable(module)
+    timm_attn = _timm_attention_type()
+    return timm_attn is not None and type(module) is timm_attn
+
+
+def attention_types() -> tuple[type[nn.Module], ...]:
+    """Every attention class that DepGraph must treat as one opaque node."""
+    types: list[type[nn.Module]] = [nn.MultiheadAttention, PrunedMultiheadAttention]
+    timm_attn = _timm_attention_type()
+    if timm_attn is not None:
+        types.append(timm_attn)
+    return tuple(types)
+
+
+def geometry(module: nn.Module) -> tuple[int, int, int]:
+    """``(num_heads, head_dim, embed_dim)`` of a recognised attention layer."""
+    if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
+        return int(module.num_heads), int(module.head_dim), int(module.embed_dim)
+    qkv = module.qkv  # timm Attention
+    return int(module.num_heads), int(module.head_dim), int(qkv.in_features)
+
+
+def _packed(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
+        return module.in_proj_weight, module.in_proj_bias
+    return module.qkv.weight, module.qkv.bias
+
+
+def _out_proj(module: nn.Module) -> nn.Linear:
+    if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
+        return module.out_proj  # type: ignore[return-value]
+    return module.proj  # type: ignore[no-any-return]
+
+
+def qkv_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W_Q, W_K, W_V (each A×D, rows grouped by head)."""
+    w, _ = _packed(module)
+    width = w.shape[0] // 3
+    return w[:width], w[width : 2 * width], w[2 * width :]
+
+
+def head_weight_slices(module: nn.Module) -> list[torch.Tensor]:
+    """Every weight tensor a head owns, as (H, …) views: Q/K/V rows and output-projection
+    columns (for magnitude and Taylor baselines)."""
+    h, _, _ = geometry(module)
+    wq, wk, wv = qkv_weights(module)
+    proj = _out_proj(module).weight  # D_out × A
+    return [
+        wq.reshape(h, -1),
+        wk.reshape(h, -1),
+        wv.reshape(h, -1),
+        proj.t().reshape(h, -1),
+    ]
+
+
+def head_grad_slices(module: nn.Module) -> list[torch.Tensor | None]:
+    """The gradients matching ``head_weight_slices`` (None where there is no gradient)."""
+    h, _, _ = geometry(module)
+    w, _ = _packed(module)
+    proj = _out_proj(module).weight
+    out: list[torch.Tensor | None] = []
+    if w.grad is None:
+        out.extend([None, None, None])
+    else:
+        width = w.shape[0] // 3
+        out.extend(w.grad[i * width : (i + 1) * width].reshape(h, -1) for i in range(3))
+    out.append(None if proj.grad is None else proj.grad.t().reshape(h, -1))
+    return out
+
+
+def self_attention_input(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """The token tensor of a self-attention call, batch first (B×N×D), or None when the
+    call is not self-attention (different query/key/value) or carries masks."""
+    if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
+        names = ("query", "key", "value")
+        qkv = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+        if any(t is None for t in qkv) or not (qkv[0] is qkv[1] is qkv[2]):
+            return None
+        if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None:
+            return None
+        x = qkv[0]
+        return x if module.batch_first else x.transpose(0, 1)
+    x = args[0] if args else kwargs.get("x")
+    if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+        return None
+    return x  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def head_output_norms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """‖A_h(x)‖_F per sample and head (B×H), A_h = softmax(Q_h K_hᵀ/√d)·V_h over all tokens.
+
+    Recomputed from the layer's weights and its input ``x`` (B×N×D): the fused kernels of
+    ``nn.MultiheadAttention`` never call ``out_proj`` as a module, so no hook could see A_h.
+    """
+    h, d, _ = geometry(module)
+    w, bias = _packed(module)
+    b, n, _ = x.shape
+    qkv = F.linear(x.to(w.dtype), w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if not isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
+        q, k = module.q_norm(q), module.k_norm(k)  # timm's optional per-head norms
+    attn = torch.softmax(torch.matmul(q * (float(d) ** -0.5), k.transpose(-2, -1)), dim=-1)
+    a = torch.matmul(attn, v)  # B×H×N×d
+    return a.float().flatten(2).norm(dim=2)
+
+
+def head_macs(module: nn.Module, tokens: int) -> float:
+    """MACs one head costs per sample: its Q/K/V rows, its two attention matmuls and softmax,
+    and its output-projection columns (the counting convention of ``attention_macs``)."""
+    _, d, embed = geometry(module)
+    proj = _out_proj(module)
+    qkv = 3 * tokens * embed * d + 3 * tokens * d + tokens * d  # projections, bias, q scaling
+    attn = 2 * tokens * tokens * d + tokens * tokens
+    out = tokens * d * proj.out_features
+    return float(qkv + attn + out)
+
+
+def attention_macs(module: nn.Module, tokens: int) -> int:
+    """MACs of a whole self-attention layer per sample (Q scaling, packed projections and
+    bias, per-head QKᵀ, softmax and AV, output projection with bias), valid for any attention
+    width — torch-pruning's stock counter assumes the width equals the embedding width."""
+    h, d, embed = geometry(module)
+    width = h * d
+    proj = _out_proj(module)
+    _, bias = _packed(module)
+    macs = tokens * width + 3 * tokens * embed * width
+    if bias is not None:
+        macs += 3 * tokens * width
+    macs += h * (2 * tokens * tokens * d + tokens * tokens)
+    macs += tokens * width * proj.out_features + tokens * proj.out_features
+    return int(macs)
+
+
+def _keep_rows(h: int, d: int, keep: Sequence[int]) -> torch.Tensor:
+    return torch.tensor([hh * d + i for hh in keep for i in range(d)], dtype=torch.long)
+
+
+def _slice_linear_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    lin.weight = nn.Parameter(lin.weight.data[rows].clone(), lin.weight.requires_grad)
+    if lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.data[rows].clone(), lin.bias.requires_grad)
+    lin.out_features = len(rows)
+
+
+def _slice_linear_cols(lin: nn.Linear, cols: torch.Tensor) -> None:
+    lin.weight = nn.Parameter(lin.weight.data[:, cols].clone(), lin.weight.requires_grad)
+    lin.in_features = len(cols)
+
+
+def _slice_layernorm(norm: nn.Module, keep: torch.Tensor) -> None:
+    if isinstance(norm, nn.LayerNorm):
+        if norm.weight is not None:
+            norm.weight = nn.Parameter(norm.weight.data[keep].clone())
+        if norm.bias is not None:
+            norm.bias = nn.Parameter(norm.bias.data[keep].clone())
+        norm.normalized_shape = (len(keep),)
+    elif not isinstance(norm, nn.Identity):
+        raise UnsupportedModelError(
+            f"attention output norm of type {type(norm).__name__} cannot be head-pruned"
+        )
+
+
+def prune_heads(model: nn.Module, path: str, heads: Sequence[int]) -> nn.Module:
+    """Remove ``heads`` (indices in the layer's current numbering) from the attention layer at
+    ``path``; returns the (possibly new) layer. ``nn.MultiheadAttention`` is first converted to
+    ``PrunedMultiheadAttention`` (same outputs), then sliced; timm's ``Attention`` is sliced in
+    place. At least one head must remain."""
+    module = model.get_submodule(path)
+    if not is_attention(module):
+        raise UnsupportedModelError(
+            f"{path} ({type(module).__name__}) is not an attention layer whose heads can be pruned"
+        )
+    h, d, _ = geometry(module)
+    drop = {int(i) for i in heads}
+    if any(i < 0 or i >= h for i in drop):
+        raise ValueError(f"head indices {sorted(drop)} out of range for {h} heads at {path}")
+    keep = [i for i in range(h) if i not in drop]
+    if not keep:
+        raise UnsupportedModelError(f"pruning every head of {path} would empty the layer")
+    if isinstance(module, nn.MultiheadAttention):
+        module = PrunedMultiheadAttention.from_mha(module)
+        _set_submodule(model, path, module)
+    rows = _keep_rows(h, d, keep)
+    width = h * d
+    packed_rows = torch.cat([rows, rows + width, rows + 2 * width])
+    if isinstance(module, PrunedMultiheadAttention):
+        module.in_proj_weight = nn.Parameter(module.in_proj_weight.data[packed_rows].clone())
+        if module.in_proj_bias is not None:
+            module.in_proj_bias = nn.Parameter(module.in_proj_bias.data[packed_rows].clone())
+        _slice_linear_cols(module.out_proj, rows)
+        module.num_heads = len(keep)
+        return module
+    _slice_linear_rows(module.qkv, packed_rows)
+    _slice_linear_cols(module.proj, rows)
+    _slice_layernorm(module.norm, rows)
+    gate = getattr(module, "gate", None)
+    if gate is not None:
+        _slice_linear_rows(gate, rows)
+    module.num_heads = len(keep)
+    module.attn_dim = len(keep) * d
+    return module
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(parent, nn.Sequential | nn.ModuleList) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
+
+
+__all__ = [
+    "PrunedMultiheadAttention",
+    "attention_macs",
+    "attention_types",
+    "geometry",
+    "head_grad_slices",
+    "head_macs",
+    "head_output_norms",
+    "head_weight_slices",
+    "is_attention",
+    "prune_heads",
+    "qkv_weights",
+    "self_attention_input",
+]
