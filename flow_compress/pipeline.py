@@ -252,7 +252,6 @@ def compress(
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    report = report.model_copy(update={"timings_s": {**report.timings_s}})
     ctx.emit("Export", 3, 3, macs=report.pruned.macs, top1=report.pruned.top1, message="done")
     return report
 
