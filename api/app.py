@@ -53,11 +53,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs)
     app.include_router(health)
-    _document_job_spec(app)
+    _document_job_spec(app, settings)
     return app
 
 
-def _document_job_spec(app: FastAPI) -> None:
+def _document_job_spec(app: FastAPI, settings: ApiSettings) -> None:
     """Put JobSpec (the JSON body of POST /v1/jobs, read by hand to allow streaming
     multipart on the same route) into the OpenAPI components."""
 
@@ -74,7 +74,28 @@ def _document_job_spec(app: FastAPI) -> None:
             for name, definition in spec.pop("$defs", {}).items():
                 components.setdefault(name, definition)
             components["JobSpec"] = spec
+            _declare_errors(schema, keys_required=bool(settings.api_keys))
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _declare_errors(schema: dict[str, Any], *, keys_required: bool) -> None:
+    """Make the spec say what this server answers, so clients and conformance checks can
+    rely on it: every 422 has the one error body (not FastAPI's default ``detail`` shape), and
+    without configured API keys no route requires a key or answers 401."""
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if "422" in responses:
+                responses["422"]["content"] = {"application/json": {"schema": error_ref}}
+            if not keys_required:
+                operation.pop("security", None)
+                responses.pop("401", None)
+    components = schema.get("components", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(unused, None)
+    if not keys_required:
+        components.pop("securitySchemes", None)

@@ -1,6 +1,7 @@
 """API keys: with ``FLOW_COMPRESS_API_KEYS`` set, every /v1 route needs one.
 
-A key is sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Each key is its own
+A key is sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (both at once only
+if they are the same key). Each key is its own
 owner: jobs are stored under a digest of the key (never the key itself), and a key sees only
 its own jobs. Without configured keys every caller is the one ``public`` owner.
 """
@@ -35,12 +36,20 @@ def require_owner(
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return PUBLIC_OWNER
-    presented = header_key or (bearer.credentials if bearer else None)
-    if presented:
+    presented = {k for k in (header_key, bearer.credentials if bearer else None) if k}
+    # An Authorization header that is not a bearer token (HTTPBearer then reports nothing) is
+    # a credential too, and an invalid one.
+    authorization = request.headers.get("authorization")
+    if authorization is not None and bearer is None:
+        presented.add(f"\0invalid:{authorization}")
+    # Two different credentials are ambiguous: refuse rather than pick the valid one, so a
+    # bad key is never masked by a good one sent alongside it.
+    if len(presented) == 1:
+        key = presented.pop()
         # Compare against every key in constant time so timing does not reveal a prefix.
-        matches = [hmac.compare_digest(presented.encode(), k.encode()) for k in keys]
+        matches = [hmac.compare_digest(key.encode(), k.encode()) for k in keys]
         if any(matches):
-            return owner_for_key(presented)
+            return owner_for_key(key)
     raise ApiError(
         "unauthorized",
         "a valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>)",

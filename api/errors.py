@@ -22,6 +22,8 @@ from flow_compress.errors import FlowCompressError
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5
+
 STATUS_BY_CODE: dict[str, int] = {
     "bad_request": 400,
     "invalid_multipart": 400,
@@ -70,6 +72,22 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error: ErrorDetail
+
+
+def documented(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route that may answer with these error ``codes``.
+
+    Statuses come from ``STATUS_BY_CODE``, so the spec cannot drift from the handlers; every
+    route also declares 500 and 503 (the job store can be away at any time). The descriptions
+    list the codes a client may see under each status.
+    """
+    by_status: dict[int, list[str]] = {}
+    for code in (*codes, "broker_unavailable", "internal_error"):
+        by_status.setdefault(status_for(code), []).append(code)
+    return {
+        status: {"model": ErrorBody, "description": "Error codes: " + ", ".join(sorted(names))}
+        for status, names in sorted(by_status.items())
+    }
 
 
 class ApiError(Exception):
@@ -157,7 +175,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _store_unreachable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("job store unavailable: %s", exc)
-        return error_response(ApiError("broker_unavailable", "the job store is unreachable"))
+        # Every request opens or reuses a pooled connection, so the API recovers by itself as
+        # soon as Redis answers again; Retry-After tells clients when to try.
+        return error_response(
+            ApiError(
+                "broker_unavailable",
+                "the job store is unreachable; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        )
 
     app.add_exception_handler(redis.ConnectionError, _store_unreachable)
     app.add_exception_handler(redis.TimeoutError, _store_unreachable)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require_owner
-from api.errors import ApiError, ErrorBody
+from api.errors import ApiError, documented
 from api.jobs import JobService
 from api.schemas import ArtifactList, ArtifactView, Health, JobList, JobView
 from flow_compress.schema import CompressionReport
@@ -20,12 +20,29 @@ from worker.storage import JOB_ID, Storage
 from worker.store import JobStore
 
 Owner = Annotated[str, Depends(require_owner)]
+MAX_OFFSET = 1_000_000_000
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 503)
-}
+# Error responses per route, by error code (api.errors maps codes to statuses). 401 is
+# declared on every /v1 route and removed from the served spec when API keys are off.
+_CREATE_ERRORS = documented(
+    "bad_request",
+    "invalid_multipart",
+    "payload_too_large",
+    "unsupported_media_type",
+    "validation_error",
+    "invalid_archive",
+    "invalid_config",
+    "unsupported_model",
+    "invalid_dataset",
+    "dataset_not_found",
+    "bad_checkpoint",
+)
+_LIST_ERRORS = documented("validation_error")
+_JOB_ERRORS = documented("not_found")
+_CANCEL_ERRORS = documented("not_found", "job_finished")
+_RESULT_ERRORS = documented("not_found", "artifacts_not_available")
 
-jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}})
+jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=documented("unauthorized"))
 health = APIRouter(tags=["health"])
 
 
@@ -66,7 +83,7 @@ _CREATE_BODY = {
                 "required": ["spec"],
                 "properties": {
                     "spec": {
-                        "type": "string",
+                        "$ref": "#/components/schemas/JobSpec",
                         "description": "JSON of a JobSpec. Send it first: it is validated "
                         "before the files are read.",
                     },
@@ -82,7 +99,8 @@ _CREATE_BODY = {
                         "to 'upload'",
                     },
                 },
-            }
+            },
+            "encoding": {"spec": {"contentType": "application/json"}},
         },
         "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
     },
@@ -93,7 +111,7 @@ _CREATE_BODY = {
     "",
     status_code=202,
     response_model=JobView,
-    responses=_ERRORS,
+    responses=_CREATE_ERRORS,
     openapi_extra={"requestBody": _CREATE_BODY},
     summary="Submit a compression job",
 )
@@ -113,19 +131,22 @@ async def create_job(
     return JobView.of(record)
 
 
-@jobs.get("", response_model=JobList, summary="List your jobs, newest first")
+@jobs.get(
+    "", response_model=JobList, responses=_LIST_ERRORS, summary="List your jobs, newest first"
+)
 def list_jobs(
     request: Request,
     owner: Owner,
     state: JobState | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # Bounded: Redis ranges are 64-bit, and an offset past any real job count is a bad request.
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     records, total = _store(request).list(owner, state=state, offset=offset, limit=limit)
     return JobList(items=[JobView.of(r) for r in records], total=total, offset=offset, limit=limit)
 
 
-@jobs.get("/{job_id}", response_model=JobView, responses=_ERRORS, summary="Poll a job")
+@jobs.get("/{job_id}", response_model=JobView, responses=_JOB_ERRORS, summary="Poll a job")
 def get_job(request: Request, owner: Owner, job_id: str) -> JobView:
     return JobView.of(_owned(request, owner, job_id))
 
@@ -133,7 +154,7 @@ def get_job(request: Request, owner: Owner, job_id: str) -> JobView:
 @jobs.delete(
     "/{job_id}",
     response_model=JobView,
-    responses={**_ERRORS, 202: {"model": JobView, "description": "Cancel requested"}},
+    responses={**_CANCEL_ERRORS, 202: {"model": JobView, "description": "Cancel requested"}},
     summary="Cancel a job",
 )
 def cancel_job(request: Request, response: Response, owner: Owner, job_id: str) -> JobView:
@@ -152,7 +173,7 @@ def cancel_job(request: Request, response: Response, owner: Owner, job_id: str) 
 @jobs.get(
     "/{job_id}/report",
     response_model=CompressionReport,
-    responses=_ERRORS,
+    responses=_RESULT_ERRORS,
     summary="The compression report of a succeeded job",
 )
 def get_report(request: Request, owner: Owner, job_id: str) -> Response:
@@ -168,7 +189,7 @@ def get_report(request: Request, owner: Owner, job_id: str) -> Response:
 @jobs.get(
     "/{job_id}/artifacts",
     response_model=ArtifactList,
-    responses=_ERRORS,
+    responses=_RESULT_ERRORS,
     summary="Files of a succeeded job (from its manifest)",
 )
 def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
@@ -194,7 +215,7 @@ def list_artifacts(request: Request, owner: Owner, job_id: str) -> ArtifactList:
 @jobs.get(
     "/{job_id}/artifacts/{name}",
     response_class=FileResponse,
-    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    responses={**_RESULT_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     summary="Download one artifact (streamed)",
 )
 def download_artifact(request: Request, owner: Owner, job_id: str, name: str) -> FileResponse:
@@ -221,7 +242,7 @@ def healthz() -> Health:
 @health.get(
     "/readyz",
     response_model=Health,
-    responses={503: {"model": ErrorBody}},
+    responses=documented("storage_unavailable"),
     summary="Readiness: Redis (broker and job store) reachable, storage writable",
 )
 async def readyz(request: Request) -> Health:

@@ -47,6 +47,15 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+def _split_list(text: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; ``"none"`` or ``""`` -> ``[]``; None stays None (unset).
+    Values are checked by the config models, so a typo is an ``invalid_config`` error."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return [] if items == ["none"] else items
+
+
 @app.command()
 def architectures() -> None:
     """List the registered architecture names."""
@@ -146,6 +155,27 @@ def compress(
     round_to: Annotated[
         int | None, typer.Option(help="Keep channel counts multiples of N.")
     ] = None,
+    distillation: Annotated[
+        str | None,
+        typer.Option(help="Recovery loss: kd, kd_features (needs --feature-taps) or none (CE)."),
+    ] = None,
+    feature_taps: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module paths for kd_features, e.g. layer3,layer4."),
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated quantized ONNX variants: int8_static, int8_dynamic, fp16."
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int | None, typer.Option(help="Validation images calibrating int8_static.")
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(help="Top-1 agreement (%) a quantized model needs with the FP32 one."),
+    ] = None,
     input_size: Annotated[int | None, typer.Option()] = None,
     in_chans: Annotated[int, typer.Option()] = 3,
     num_classes: Annotated[int | None, typer.Option()] = None,
@@ -181,6 +211,11 @@ def compress(
         "recovery.trunc_iters": trunc_iters,
         "recovery.final_iters": final_iters,
         "truncate.max_layers": max_layers,
+        "recovery.distillation": distillation,
+        "recovery.feature_taps": _split_list(feature_taps),
+        "quantize.modes": _split_list(quantize),
+        "quantize.calibration_samples": calibration_samples,
+        "quantize.min_agreement": min_agreement,
     }.items():
         if value is not None:
             _set_path(raw, key, value)
@@ -199,6 +234,12 @@ def compress(
         f"({report.macs_ratio:.1%})  params {report.base.params / 1e6:.2f}M → "
         f"{report.pruned.params / 1e6:.2f}M  speed-up {speed}\nartifacts: {out}"
     )
+    for q in report.quantized:
+        timing = "  ".join(f"{k} {v:.3f} ms" for k, v in q.latency_ms.items())
+        typer.echo(
+            f"{q.file}: top-1 {q.top1:.2f}  agreement {q.agreement:.2f} %  "
+            f"{q.size_bytes / 1e6:.2f} MB  {timing}".rstrip()
+        )
 
 
 def _describe(ev: ProgressEvent) -> str:

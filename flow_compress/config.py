@@ -16,6 +16,8 @@ Ranking = Literal["score", "score_per_mac", "auto"]
 Distillation = Literal["kd", "kd_features", "none"]
 ExportFormat = Literal["torchscript", "onnx"]
 Runtime = Literal["eager", "torchscript", "onnxruntime"]
+QuantizeMode = Literal["int8_static", "int8_dynamic", "fp16"]
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 
 
 class _Frozen(BaseModel):
@@ -115,6 +117,54 @@ class LatencyConfig(_Frozen):
     threads: int | None = Field(None, ge=1)
 
 
+class QuantizeConfig(_Frozen):
+    """Optional quantized ONNX variants of the pruned model (off unless ``modes`` names some).
+
+    ``int8_static``: QDQ format, per-channel INT8 weights, activations calibrated on
+    ``calibration_samples`` images of the *validation* split (never the test split).
+    ``int8_dynamic``: INT8 weights, activation ranges computed at run time.
+    ``fp16``: float16 weights and compute, float32 input and output kept.
+    Each variant must agree with the FP32 pruned ONNX model on the top-1 class of at least
+    ``min_agreement`` percent of ``parity_samples`` validation images, else the job fails
+    with ``quantization_parity_failed``. Requires ``"onnx"`` in ``export.formats``.
+    """
+
+    modes: tuple[QuantizeMode, ...] = Field(
+        (), description="Quantized variants to build; empty means no quantization."
+    )
+    calibration_samples: int = Field(
+        512, ge=1, description="Validation images that calibrate int8_static activations."
+    )
+    calibration_batch_size: int = Field(
+        32, ge=1, description="Images per calibration batch (a remainder batch is dropped)."
+    )
+    calibration_method: CalibrationMethod = "minmax"
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="int8_static activations; ONNX Runtime's x86 kernels prefer uint8."
+    )
+    reduce_range: bool = Field(
+        False, description="7-bit weights: avoids int16 saturation on x86 CPUs without VNNI."
+    )
+    keep_classifier_fp32: bool = Field(
+        True,
+        description=(
+            "Leave the layer producing the logits unquantized: its output range is wide and "
+            "8 bits flip the top-1 class of low-margin inputs, for a negligible share of MACs."
+        ),
+    )
+    parity_samples: int = Field(512, ge=1, description="Validation images of the checks.")
+    min_agreement: float = Field(
+        97.0, ge=0, le=100, description="Top-1 agreement with the FP32 ONNX model, percent."
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> QuantizeConfig:
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"quantize.modes lists a mode twice: {list(self.modes)}")
+        return self
+
+
 class CompressionConfig(_Frozen):
     """One compression job: model, data, target, budget and every stage's options."""
 
@@ -135,11 +185,17 @@ class CompressionConfig(_Frozen):
     data: DataConfig = DataConfig()
     export: ExportConfig = ExportConfig()
     latency: LatencyConfig = LatencyConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     @model_validator(mode="after")
     def _check(self) -> CompressionConfig:
         if self.recovery.distillation == "kd_features" and not self.recovery.feature_taps:
             raise ValueError("recovery.feature_taps is required with distillation=kd_features")
+        if self.quantize.modes and "onnx" not in self.export.formats:
+            raise ValueError(
+                "quantize.modes needs the ONNX export: add 'onnx' to export.formats "
+                "(the quantized models are made from and checked against model.onnx)"
+            )
         return self
 
 
@@ -170,6 +226,7 @@ __all__ = [
     "ExportConfig",
     "LatencyConfig",
     "PruneConfig",
+    "QuantizeConfig",
     "RecoveryConfig",
     "TrainConfig",
     "TruncateConfig",

@@ -21,6 +21,9 @@ from flow_compress.tp_adapter import count_macs_params
 
 ProgressFn = Callable[[ProgressEvent], None]
 CancelFn = Callable[[], bool]
+# Called with the model after every accepted step (stage, accepted steps of that stage so far);
+# the pipeline uses it to write a checkpoint (flow_compress.checkpoint).
+AcceptFn = Callable[[nn.Module, str, int], None]
 
 # Share of the progress bar per stage (percent rises monotonically through the run).
 PROGRESS_SPAN = {
@@ -49,6 +52,14 @@ class Context:
     notes: list[str] = field(default_factory=list)
     progress_fn: ProgressFn | None = None
     cancel_fn: CancelFn | None = None
+    accept_fn: AcceptFn | None = None
+    # Stage 1's per-layer cap is against the widths first seen; kept here so a resumed run
+    # caps against the original model, not the checkpoint's pruned one.
+    original_widths: dict[str, int] = field(default_factory=dict)
+    # Training batches drawn so far; a resumed run skips as many to draw the same ones.
+    train_batches_used: int = 0
+    # (stage, step) of the checkpoint this run resumed from, None for a fresh run.
+    resumed_from: tuple[str, int] | None = None
     _train_batches: Iterator[Batch] | None = None
     _percent: float = 0.0
 
@@ -57,6 +68,11 @@ class Context:
     def check_cancel(self) -> None:
         if self.cancel_fn is not None and self.cancel_fn():
             raise CancelledError("compression cancelled by the caller")
+
+    def accepted(self, model: nn.Module, stage: str, step: int) -> None:
+        """A stage accepted its ``step``-th step with ``model``: let ``accept_fn`` record it."""
+        if self.accept_fn is not None:
+            self.accept_fn(model, stage, step)
 
     def emit(
         self,
@@ -75,6 +91,10 @@ class Context:
             self.progress_fn(
                 ProgressEvent(stage, step, total, round(self._percent, 2), macs, top1, message)
             )
+
+    @property
+    def percent(self) -> float:
+        return self._percent
 
     @contextmanager
     def timer(self, key: str) -> Iterator[None]:
@@ -127,10 +147,19 @@ class Context:
 
     def train_batches(self) -> Iterator[Batch]:
         if self._train_batches is None:
-            self._train_batches = self.data.forever(
-                self.config.recovery.batch_size, seed=self.config.seed
+            self._train_batches = self._counted(
+                self.data.forever(self.config.recovery.batch_size, seed=self.config.seed)
             )
         return self._train_batches
+
+    def _counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        # The batch order depends only on the seed and the position, so skipping the batches
+        # an earlier run drew makes a resumed run draw the same ones next.
+        for _ in range(self.train_batches_used):
+            next(batches)
+        for batch in batches:
+            self.train_batches_used += 1
+            yield batch
 
     def recover(self, model: nn.Module, iters: int, stage: str, *, lr: float | None = None) -> int:
         """Distil from the original model (per ``recovery.distillation``) for ``iters`` steps."""

@@ -70,6 +70,18 @@ class ExportError(FlowCompressError):
     code = "export_failed"
 
 
+class QuantizationError(FlowCompressError):
+    """ONNX Runtime's quantization or float16 tools failed on the exported model."""
+
+    code = "quantization_failed"
+
+
+class QuantizationParityError(FlowCompressError):
+    """A quantized model disagrees with the FP32 model beyond ``quantize.min_agreement``."""
+
+    code = "quantization_parity_failed"
+
+
 class CancelledError(FlowCompressError):
     """The caller's cancel check asked the pipeline to stop between steps."""
 
@@ -86,5 +98,7 @@ __all__ = [
     "FlowCompressError",
     "InvalidConfigError",
     "InvalidDatasetError",
+    "QuantizationError",
+    "QuantizationParityError",
     "UnsupportedModelError",
 ]

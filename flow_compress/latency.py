@@ -396,6 +396,43 @@ def compare_latency(
     return records
 
 
+def time_onnx_files(
+    paths: dict[str, Path],
+    input_shape: tuple[int, int, int],
+    cfg: LatencyConfig,
+    device: torch.device | str = "cpu",
+) -> tuple[str, dict[str, dict[int, float]]]:
+    """Median ONNX Runtime latency in ms of every model file in ``paths`` (name -> .onnx).
+
+    All files are loaded in this process and timed round-robin at each of
+    ``cfg.batch_sizes``: ``cfg.warmup`` untimed runs each, then ``cfg.runs`` rounds in which
+    every model runs once, the order rotating each round, so drift hits every model alike
+    (the same rule as ``compare_latency``, for any number of models, whatever their
+    precision). ``device`` CUDA uses ONNX Runtime's CUDA provider when it is installed and
+    the CPU otherwise. Inputs are float32 (float16 models keep float32 I/O).
+
+    Returns the device label (as in ``LatencyRecord.device``) and ``{name: {batch: ms}}``.
+    """
+    device = torch.device(device)
+    names = list(paths)
+    engines = {n: _onnx_engine(Path(paths[n]), input_shape, device, cfg.threads) for n in names}
+    label = engines[names[0]].device_label if names else describe_device(device)
+    out: dict[str, dict[int, float]] = {n: {} for n in names}
+    for batch in cfg.batch_sizes:
+        runners = {n: engines[n].runner(batch) for n in names}
+        timed: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(cfg.warmup):
+            for n in names:
+                runners[n]()
+        for i in range(cfg.runs):
+            shift = i % len(names)
+            for n in names[shift:] + names[:shift]:
+                timed[n].append(_time_once(runners[n], engines[n].device))
+        for n in names:
+            out[n][batch] = statistics.median(timed[n])
+    return label, out
+
+
 __all__ = [
     "DTYPE",
     "RUNTIMES",
@@ -406,4 +443,5 @@ __all__ = [
     "environment",
     "measure_latency",
     "prepare_engine",
+    "time_onnx_files",
 ]

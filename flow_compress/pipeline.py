@@ -17,25 +17,30 @@ import torch
 from torch import nn
 
 from flow_compress.artifacts import atomic_write_text, write_manifest
+from flow_compress.checkpoint import Checkpointer, attach, fingerprint, resume
 from flow_compress.config import CompressionConfig
 from flow_compress.context import CancelFn, Context, ProgressFn
 from flow_compress.data import DataSplits, load_dataset
 from flow_compress.device import resolve_device, seed_everything
 from flow_compress.errors import ExportParityError, InvalidConfigError
 from flow_compress.evaluate import evaluate, relative_output_error
+from flow_compress.export import FILE_NAMES as EXPORT_FILE_NAMES
 from flow_compress.export import export_model
 from flow_compress.latency import compare_latency, environment
 from flow_compress.models import build_model, load_weights, save_weights
 from flow_compress.plan import Plan, rebuild
+from flow_compress.quantize import build_quantized, combination_table
 from flow_compress.refs import known_num_classes, parse_dataset_ref
 from flow_compress.registry import get_architecture
 from flow_compress.report import write_report
 from flow_compress.schema import (
+    CombinationRow,
     CompressionReport,
     Guarantee,
     LatencyRecord,
     ModelMetrics,
     ParityRecord,
+    QuantizedArtifact,
 )
 from flow_compress.stage1 import FilterPruner
 from flow_compress.stage2 import run_stage2
@@ -89,25 +94,37 @@ def run_pipeline(
     *,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> CompressionResult:
-    """Compress ``model`` (not modified; a copy is pruned) on ``data``; no files are written.
+    """Compress ``model`` (not modified; a copy is pruned) on ``data``; no files are written
+    except ``checkpoint``'s, after every accepted step; a usable checkpoint found there is
+    resumed from (``flow_compress.checkpoint``).
 
     Accuracy per step is measured on the validation split; the test split is not touched.
     """
     ctx, student = make_context(model, data, config, progress=progress, should_cancel=should_cancel)
     ctx.check_cancel()
-    base = ctx.record(student, "Baseline")
-    ctx.base_val_top1 = base.top1
-    ctx.emit("Baseline", 1, 1, macs=base.macs, top1=base.top1, message="baseline measured")
+    resumed = resume(checkpoint, ctx, student) if checkpoint is not None else None
+    if resumed is not None:
+        student = resumed
+    else:
+        base = ctx.record(student, "Baseline")
+        ctx.base_val_top1 = base.top1
+        ctx.emit("Baseline", 1, 1, macs=base.macs, top1=base.top1, message="baseline measured")
+    if checkpoint is not None:
+        attach(checkpoint, ctx)
+    stage, done = ctx.resumed_from or ("Filter Prune", 0)
 
     stage_start = time.perf_counter()
-    if config.prune.enabled:
-        student = FilterPruner(ctx).run(student)
+    if config.prune.enabled and stage == "Filter Prune":
+        student = FilterPruner(ctx).run(student, start_step=done)
+        # End of stage 1 (checkpointed as stage 2 with nothing removed yet).
+        ctx.accepted(student, "Layer Trunc", 0)
     ctx.timings["stage1_total"] = time.perf_counter() - stage_start
 
     stage_start = time.perf_counter()
     if config.truncate.enabled and config.truncate.max_layers > 0:
-        student = run_stage2(student, ctx)
+        student = run_stage2(student, ctx, start_removed=done if stage == "Layer Trunc" else 0)
     ctx.timings["stage2_total"] = time.perf_counter() - stage_start
 
     stage_start = time.perf_counter()
@@ -152,14 +169,21 @@ def compress(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     overwrite: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> CompressionReport:
     """Compress ``config.model`` loaded from ``weights`` and write every artifact to ``out_dir``.
 
     Artifacts: model.ts, model.onnx (per ``export.formats``), weights.safetensors, plan.json,
-    report.json, report.md, PNG plots, manifest.json. They are written to a scratch folder
-    beside ``out_dir`` and moved into place only when all of them succeeded, so ``out_dir``
+    report.json, report.md, PNG plots, manifest.json, and per ``quantize.modes`` the checked
+    model.int8_static.onnx, model.int8_dynamic.onnx, model.fp16.onnx
+    (``flow_compress.quantize``). They are written to a scratch folder beside ``out_dir`` and
+    moved into place only when all of them succeeded, so ``out_dir``
     never holds a half-written result. ``out_dir`` must not exist or be empty unless
     ``overwrite``. Raises ``FlowCompressError`` subclasses (stable ``code``s).
+
+    With ``checkpoint_dir``, every accepted step is checkpointed there and a later call with
+    the same configuration, weights and folder continues from the last one (the report's
+    notes say so); the caller removes the folder when it no longer needs it.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -184,7 +208,14 @@ def compress(
         notes.append("no weights given: compressed a randomly initialised model")
     load_s = time.perf_counter() - t0
 
-    result = run_pipeline(model, data, config, progress=progress, should_cancel=should_cancel)
+    checkpoint = (
+        Checkpointer(checkpoint_dir, fingerprint(config, weights_sha))
+        if checkpoint_dir is not None
+        else None
+    )
+    result = run_pipeline(
+        model, data, config, progress=progress, should_cancel=should_cancel, checkpoint=checkpoint
+    )
     ctx = result.context
     pruned = result.model
     plan = result.plan.model_copy(update={"model": config.model, "num_classes": num_classes})
@@ -216,6 +247,14 @@ def compress(
             save_weights(pruned_cpu, scratch / "weights.safetensors")
             atomic_write_text(scratch / "plan.json", plan.model_dump_json(indent=2))
             parity.append(_check_plan_replay(plan, scratch, pruned_cpu, inputs, config))
+        quantized: list[QuantizedArtifact] = []
+        if config.quantize.modes:
+            ctx.check_cancel()
+            ctx.emit("Export", 1, 3, message="quantizing: " + ", ".join(config.quantize.modes))
+            with ctx.timer("quantization"):
+                quantized = build_quantized(
+                    scratch / EXPORT_FILE_NAMES["onnx"], scratch, data, config.quantize
+                )
         latency: list[LatencyRecord] = []
         if config.latency.enabled:
             ctx.emit("Export", 2, 3, message="timing base and pruned models")
@@ -229,6 +268,23 @@ def compress(
                     scratch / "_latency",
                 )
             shutil.rmtree(scratch / "_latency", ignore_errors=True)
+        combination: list[CombinationRow] = []
+        if quantized:
+            ctx.emit("Export", 2, 3, message="timing the quantized variants")
+            with ctx.timer("latency"):
+                combination, quantized = combination_table(
+                    ctx.teacher,
+                    (*base_test, ctx.base_macs),
+                    scratch / EXPORT_FILE_NAMES["onnx"],
+                    (*pruned_test, ctx.cost(pruned)[0]),
+                    quantized,
+                    (data.in_chans, size, size),
+                    config.latency if config.latency.enabled else None,
+                    device,
+                    scratch / "_combination",
+                    distillation=config.recovery.distillation,
+                )
+            shutil.rmtree(scratch / "_combination", ignore_errors=True)
         report = _build_report(
             config,
             ctx,
@@ -243,6 +299,8 @@ def compress(
             load_s,
             t0,
         )
+        if quantized:
+            report = report.model_copy(update={"quantized": quantized, "combination": combination})
         names = write_report(report, scratch)
         files = sorted({p.name for p in scratch.iterdir() if p.is_file()} | set(names))
         write_manifest(scratch, files)

@@ -196,6 +196,115 @@ def _latency_section(records: Sequence[LatencyRecord]) -> list[str]:
     return [*lines, intro, "", *_table(header, rows, align), ""]
 
 
+def _mb(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.2f}"
+
+
+def _latency_key(key: str) -> str:
+    """'cpu@b32' -> 'CPU b32'."""
+    where, _, batch = key.partition("@")
+    return f"{where.upper()} {batch}"
+
+
+def _combination_section(report: CompressionReport) -> list[str]:
+    """Pruning x quantization x distillation in the shape of the paper's combination table."""
+    rows_in = report.combination
+    if not rows_in:
+        return []
+    keys = list(dict.fromkeys(k for r in rows_in for k in r.latency_ms))
+    header = ["Variant", "Precision", "GMACs", "Top-1", "Top-5", "Size (MB)"]
+    header += [f"{_latency_key(k)} (ms)" for k in keys]
+    header += [f"Speed-up {_latency_key(k)}" for k in keys]
+    rows: list[list[object]] = []
+    for r in rows_in:
+        row: list[object] = [
+            r.variant,
+            r.precision.upper(),
+            _gmacs(r.macs),
+            _pct(r.top1),
+            _pct(r.top5),
+            _mb(r.size_bytes),
+        ]
+        row += [_ms(r.latency_ms[k]) if k in r.latency_ms else "-" for k in keys]
+        row += [f"{r.speedup[k]:.2f}×" if k in r.speedup else "-" for k in keys]
+        rows.append(row)
+    env = report.environment
+    timing = (
+        "Latency: ONNX Runtime, median of the timed runs after warm-up, every file timed "
+        "round-robin in the same process as the baseline"
+        + (f" (CPU: {env['cpu']})" if env.get("cpu") else "")
+        + f", {report.config.latency.threads or 'default (all cores)'} intra-op thread(s)"
+        + "; CUDA columns appear only where the job ran on CUDA with ONNX Runtime's CUDA "
+        "provider. Speed-up is against the baseline's FP32 ONNX model."
+        if keys
+        else "Latency was not measured for this job (latency.enabled is off)."
+    )
+    distill = report.config.recovery.distillation
+    return [
+        "## Pruning combined with quantization",
+        "",
+        "The paper's combination table for this job: the base model, the pruned model "
+        f"(recovered with {distill} distillation) and its quantized ONNX variants. Accuracy is on "
+        "the test split; size is the ONNX file on disk; quantization does not change the MAC "
+        "count (it makes each MAC cheaper).",
+        "",
+        *_table(header, rows, "ll" + "r" * (len(header) - 2)),
+        "",
+        timing,
+        "",
+    ]
+
+
+def _quantized_section(report: CompressionReport) -> list[str]:
+    if not report.quantized:
+        return []
+    cfg = report.config.quantize
+    rows = [
+        [
+            q.mode,
+            f"`{q.file}`",
+            f"{q.agreement:.2f} %",
+            f"{q.min_agreement:.2f} %",
+            f"{q.max_abs_diff:.3g}",
+            q.samples,
+            q.calibration_samples if q.calibration_samples is not None else "-",
+            "pass" if q.passed else "FAIL",
+        ]
+        for q in report.quantized
+    ]
+    method = (
+        f"INT8 static: QDQ format, {'per-channel' if cfg.per_channel else 'per-tensor'} INT8 "
+        f"weights, {cfg.activation_type} activations calibrated ({cfg.calibration_method}) on "
+        "validation images"
+        + (", classifier kept in FP32" if cfg.keep_classifier_fp32 else "")
+        + "; INT8 dynamic: activation ranges computed at run time; FP16: float32 input and "
+        "output kept."
+    )
+    return [
+        "## Quantized models",
+        "",
+        "Each variant was loaded in ONNX Runtime (CPU) and compared with the FP32 pruned ONNX "
+        "model on validation images (disjoint from the calibration images where the split is "
+        "large enough): top-1 agreement and the largest absolute logit difference. " + method,
+        "",
+        *_table(
+            [
+                "Mode",
+                "File",
+                "Top-1 agreement",
+                "Required",
+                "Max logit diff",
+                "Samples",
+                "Calibration images",
+                "Result",
+            ],
+            rows,
+            "llrrrrrl",
+        ),
+        "",
+    ]
+
+
 def _dynamics_section(steps: Sequence[StepRecord]) -> list[str]:
     lines = ["## Compression dynamics", ""]
     if not steps:
@@ -317,8 +426,14 @@ def _settings_section(report: CompressionReport) -> list[str]:
         if t.enabled
         else "off"
     )
+    if r.distillation == "none":
+        loss = "plain cross-entropy (no distillation)"
+    else:
+        loss = f"{r.distillation} distillation (T = {r.temperature}, weight {r.kd_weight})"
+        if r.distillation == "kd_features":
+            loss += f", feature taps {', '.join(r.feature_taps)} (weight {r.feature_weight})"
     recovery = (
-        f"{r.distillation} distillation (T = {r.temperature}, weight {r.kd_weight}); "
+        f"{loss}; "
         f"{r.iters_per_step} steps after each prune step, {r.trunc_iters} after each truncation, "
         f"{r.final_iters} final"
     )
@@ -328,6 +443,12 @@ def _settings_section(report: CompressionReport) -> list[str]:
         ["Filter pruning", prune],
         ["Layer truncation", trunc],
         ["Recovery", recovery],
+        [
+            "Quantization",
+            ", ".join(cfg.quantize.modes) + f" (min agreement {cfg.quantize.min_agreement} %)"
+            if cfg.quantize.modes
+            else "off",
+        ],
         [
             "Input",
             f"{cfg.in_chans} channel{'s' if cfg.in_chans != 1 else ''}, "
@@ -361,6 +482,9 @@ def render_markdown(report: CompressionReport) -> str:
 
     Sections: headline (model, dataset, base -> pruned test top-1/top-5, GMACs with FLOPs = 2 x
     MACs stated, params, the headline speed-up with its runtime and device), latency table,
+    with quantized variants the combination table (Variant | Precision | GMACs | Top-1 |
+    Top-5 | Size (MB) | ONNX Runtime latency and speed-up per device and batch) and the
+    quantized models' checks,
     compression-dynamics table (Step | Stage | GMACs | Params (M) | Top-1 | Top-5 on the
     validation split), output guarantee (p99 of the relative squared error), export parity,
     time per stage, settings, environment, notes. No raw JSON.
@@ -369,6 +493,8 @@ def render_markdown(report: CompressionReport) -> str:
         *_headline(report),
         "",
         *_latency_section(report.latency),
+        *_combination_section(report),
+        *_quantized_section(report),
         *_dynamics_section(report.steps),
         *_guarantee_section(report),
         *_parity_section(report),

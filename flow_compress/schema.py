@@ -63,6 +63,52 @@ class ParityRecord(_Model):
     passed: bool
 
 
+class QuantizedArtifact(_Model):
+    """One quantized ONNX variant of the pruned model and its checks.
+
+    ``agreement`` and ``max_abs_diff`` compare it with the FP32 pruned ONNX model on
+    ``samples`` validation images (the pass/fail gate); ``top1``/``top5`` are on the test
+    split, for the report only.
+    """
+
+    mode: str = Field(..., description="int8_static, int8_dynamic or fp16.")
+    file: str = Field(..., description="Artifact file name, listed in manifest.json.")
+    size_bytes: int
+    agreement: float = Field(..., description="Top-1 agreement with FP32 ONNX, percent.")
+    max_abs_diff: float = Field(..., description="Largest absolute logit difference.")
+    samples: int
+    min_agreement: float
+    passed: bool
+    top1: float = Field(..., description="Top-1 accuracy on the test split, percent.")
+    top5: float
+    calibration_samples: int | None = Field(
+        None, description="Validation images that calibrated activations (int8_static)."
+    )
+    latency_ms: dict[str, float] = Field(
+        default_factory=dict, description="Median ONNX Runtime latency by '<device>@b<batch>'."
+    )
+
+
+class CombinationRow(_Model):
+    """One row of the paper-shaped combination table (pruning x quantization x distillation).
+
+    Latencies are ONNX Runtime medians by '<device>@b<batch>' ('cpu@b1', 'cuda@b32'), every
+    row timed in the same process as the baseline; ``speedup`` divides the baseline's by this
+    row's. MACs do not change with precision.
+    """
+
+    variant: str
+    precision: str = Field(..., description="fp32, int8 or fp16.")
+    distillation: str | None = Field(None, description="Recovery loss of a pruned row.")
+    file: str | None = Field(None, description="Artifact the row measures, if published.")
+    macs: int
+    top1: float = Field(..., description="Top-1 accuracy on the test split, percent.")
+    top5: float
+    size_bytes: int = Field(..., description="ONNX file size on disk.")
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    speedup: dict[str, float] = Field(default_factory=dict)
+
+
 class Guarantee(_Model):
     """The paper's bound ||N0(x) - N*(x)||^2 <= dmax ||N0(x)||^2, checked on validation data."""
 
@@ -89,6 +135,13 @@ class CompressionReport(_Model):
     )
     guarantee: Guarantee | None = None
     parity: list[ParityRecord] = Field(default_factory=list)
+    quantized: list[QuantizedArtifact] = Field(
+        default_factory=list, description="Quantized ONNX variants (quantize.modes)."
+    )
+    combination: list[CombinationRow] = Field(
+        default_factory=list,
+        description="Baseline, pruned and quantized variants side by side (paper's table).",
+    )
     timings_s: dict[str, float] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
     splits: dict[str, int] = Field(default_factory=dict)
@@ -110,12 +163,14 @@ class ProgressEvent:
 
 
 __all__ = [
+    "CombinationRow",
     "CompressionReport",
     "Guarantee",
     "LatencyRecord",
     "ModelMetrics",
     "ParityRecord",
     "ProgressEvent",
+    "QuantizedArtifact",
     "Stage",
     "StepRecord",
 ]

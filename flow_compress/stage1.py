@@ -68,7 +68,8 @@ class FilterPruner:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.cfg = ctx.config.prune
-        self.original_sizes: dict[str, int] = {}
+        # The context's dict, so a checkpoint can save it and a resumed run restore it.
+        self.original_sizes: dict[str, int] = ctx.original_widths
 
     # ------------------------------------------------------------ graph + scores
 
@@ -248,13 +249,15 @@ class FilterPruner:
 
     # ------------------------------------------------------------ the stage
 
-    def run(self, model: nn.Module) -> nn.Module:
+    def run(self, model: nn.Module, start_step: int = 0) -> nn.Module:
+        """Prune ``model`` along the schedule; ``start_step`` > 0 resumes a checkpointed run
+        whose first ``start_step`` steps are already in ``model`` and the context."""
         ctx, cfg = self.ctx, self.cfg
         target = ctx.config.target_macs * ctx.base_macs
         K = cfg.steps
         fractions = decay_schedule(ctx.config.target_macs, K)
         ratios = paper_ratios(K, cfg.paper_alpha, cfg.paper_beta)
-        for k in range(K):
+        for k in range(start_step, K):
             ctx.check_cancel()
             macs, _ = ctx.cost(model)
             if macs <= target * 1.01:
@@ -283,6 +286,7 @@ class FilterPruner:
                         top=(top1, top5),
                         detail=f"step {k + 1}/{K}" + (f", retry {attempt}" if attempt else ""),
                     )
+                    ctx.accepted(model, STAGE, k + 1)
                     ctx.emit(
                         STAGE,
                         k + 1,

@@ -47,9 +47,11 @@ def block_scores(model: nn.Module, ctx: Context) -> dict[str, float]:
     return {name: divergence.residual_score(b, x) for name, (b, x) in norms.items()}
 
 
-def run_stage2(model: nn.Module, ctx: Context) -> nn.Module:
+def run_stage2(model: nn.Module, ctx: Context, start_removed: int = 0) -> nn.Module:
+    """Truncate ``model``; ``start_removed`` > 0 resumes a checkpointed run whose first
+    removals are already in ``model`` and the context."""
     cfg = ctx.config.truncate
-    removed = 0
+    removed = start_removed
     current_top1 = ctx.steps[-1].top1 if ctx.steps else ctx.val_accuracy(model)[0]
     while removed < cfg.max_layers:
         ctx.check_cancel()
@@ -86,6 +88,7 @@ def run_stage2(model: nn.Module, ctx: Context) -> nn.Module:
                     top=(top1, top5),
                     detail=f"{name} → {cands[name].kind} (D_res {scores[name]:.3f})",
                 )
+                ctx.accepted(model, STAGE, removed)
                 ctx.emit(
                     STAGE,
                     removed,

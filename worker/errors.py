@@ -40,7 +40,7 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, FlowCompressError):
         return Failure(exc.code, exc.message, transient=False)
     if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
-        return Failure("time_limit_exceeded", "the job ran past its time limit", transient=False)
+        return Failure("timeout", "the job ran past its time limit", transient=False)
     if isinstance(exc, ArtifactCorruptError):
         return Failure("artifact_corrupt", str(exc), transient=False)
     if isinstance(exc, MemoryError) or (

@@ -4,7 +4,8 @@ Layout under the storage root::
 
     uploads/<job id>/      weights and the extracted dataset of a job (removed when it ends)
     scratch/<job id>/      a running job's working folder; the library writes output/ in it
-                           (removed when the job ends, whatever the outcome)
+                           and checkpoints in checkpoint/ (removed when the job ends,
+                           whatever the outcome; checkpoint/ survives a redelivery)
     artifacts/<job id>/    published artifacts, with manifest.json; never written in place
     datasets/              server-side datasets that dataset references may name
     redis/                 the embedded Redis's data (``flow-compress serve`` without a URL)
@@ -130,7 +131,12 @@ class Storage:
         entry = manifest.entry(name) if manifest else None
         if entry is None:
             return None
-        path = self.artifacts(job_id) / entry.name
+        folder = self.artifacts(job_id)
+        path = folder / entry.name
+        # Publication refuses links, but the folder is on a shared volume: never follow one
+        # out of the job's folder, whatever put it there.
+        if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+            return None
         return (path, entry) if path.is_file() else None
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,12 +144,24 @@ class Storage:
         """Where the library writes a running job's artifacts (it creates the folder)."""
         return self.scratch(job_id) / "output"
 
+    def checkpoint(self, job_id: str) -> Path:
+        """Where the library checkpoints a running job's accepted steps (it creates it)."""
+        return self.scratch(job_id) / "checkpoint"
+
     def fresh_scratch(self, job_id: str) -> Path:
-        """Empty the job's scratch folder (a redelivered job's leftovers, including the
-        library's own partial folders, are discarded) and return the output path."""
+        """Empty the job's scratch folder except its checkpoint (a redelivered job's partial
+        output and the library's partial folders are discarded; its accepted steps are
+        kept, to be resumed) and return the output path."""
         path = self.scratch(job_id)
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
+        keep = self.checkpoint(job_id)
+        for entry in path.iterdir():
+            if entry == keep:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         return self.output(job_id)
 
     def publish(self, job_id: str) -> Manifest:
@@ -172,6 +190,11 @@ class Storage:
 
     def discard_scratch(self, job_id: str) -> None:
         shutil.rmtree(self.scratch(job_id), ignore_errors=True)
+
+    def discard_output(self, job_id: str) -> None:
+        """Remove everything of a job's scratch folder but its checkpoint (before a retry)."""
+        if self.scratch(job_id).is_dir():
+            self.fresh_scratch(job_id)
 
     def remove_uploads(self, job_id: str) -> None:
         shutil.rmtree(self.uploads(job_id), ignore_errors=True)

@@ -40,6 +40,7 @@ class CompressFn(Protocol):
         out_dir: Path,
         progress: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> CompressionReport: ...
 
 
@@ -126,6 +127,9 @@ def run_job(
             out_dir=out_dir,
             progress=on_progress,
             should_cancel=should_cancel,
+            # Inside scratch/<id>: kept across redeliveries and retries (a resumed job does not
+            # redo its accepted steps), removed with the scratch folder when the job ends.
+            checkpoint_dir=storage.checkpoint(job_id),
         )
         report = read_report(out_dir)
         storage.publish(job_id)
@@ -135,12 +139,13 @@ def run_job(
         storage.remove_uploads(job_id)
         return JobState.cancelled
     except Exception as exc:
-        storage.discard_scratch(job_id)
         failure = classify(exc)
         if failure.transient and can_retry:
+            storage.discard_output(job_id)  # the checkpoint stays for the retry to resume
             log.warning("job %s: transient failure, will retry: %s", job_id, failure.message)
             store.requeue(job_id, f"retrying after: {failure.message}")
             raise TransientFailure(failure.message) from exc
+        storage.discard_scratch(job_id)
         log.info("job %s failed: [%s] %s", job_id, failure.code, failure.message)
         store.finish(
             job_id, JobState.failed, error=JobError(code=failure.code, message=failure.message)

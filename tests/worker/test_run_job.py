@@ -69,6 +69,7 @@ class FakeLibrary:
         self.steps = steps
         self.calls = 0
         self.cancel_checks: list[bool] = []
+        self.checkpoint_dirs: list[Path | None] = []
 
     def __call__(
         self,
@@ -78,8 +79,10 @@ class FakeLibrary:
         out_dir: Path,
         progress: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> CompressionReport:
         self.calls += 1
+        self.checkpoint_dirs.append(checkpoint_dir)
         assert config == CONFIG and weights is not None and weights.is_file()
         for step in range(1, self.steps + 1):
             if should_cancel is not None:
@@ -248,7 +251,7 @@ def test_output_that_contradicts_its_manifest_is_not_published(
     payload = submit(store, storage)
 
     class Tampering(FakeLibrary):
-        def __call__(self, config, *, weights, out_dir, progress=None, should_cancel=None):  # type: ignore[no-untyped-def]
+        def __call__(self, config, *, weights, out_dir, progress=None, should_cancel=None, **kw):  # type: ignore[no-untyped-def]
             report = super().__call__(config, weights=weights, out_dir=out_dir, progress=progress)
             (out_dir / "model.onnx").write_bytes(b"tampered")
             return report
@@ -267,7 +270,7 @@ def test_soft_time_limit_fails_the_job_with_its_code(env: tuple[JobStore, Storag
     )
     rec = store.get(payload.job_id)
     assert rec is not None and rec.error is not None
-    assert rec.error.code == "time_limit_exceeded"
+    assert rec.error.code == "timeout"
 
 
 def test_hard_time_limit_is_recorded_by_the_task_in_the_main_process(
@@ -284,6 +287,65 @@ def test_hard_time_limit_is_recorded_by_the_task_in_the_main_process(
     task.on_failure(TimeLimitExceeded(60), payload.job_id, (), {}, None)
     rec = store.get(payload.job_id)
     assert rec is not None and rec.state is JobState.failed
-    assert rec.error is not None and rec.error.code == "time_limit_exceeded"
+    assert rec.error is not None and rec.error.code == "timeout"
     assert not storage.scratch(payload.job_id).exists()
     assert not storage.uploads(payload.job_id).exists()
+
+
+class CheckpointingLibrary(FakeLibrary):
+    """Writes a checkpoint file like the library does, then fails (if told to)."""
+
+    def __call__(  # type: ignore[no-untyped-def]
+        self, config, *, weights, out_dir, progress=None, should_cancel=None, checkpoint_dir=None
+    ):
+        assert checkpoint_dir is not None
+        self.checkpoint_dirs.append(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / "state.json").write_text(f"attempt {len(self.checkpoint_dirs)}")
+        (out_dir.parent / "partial.bin").write_bytes(b"partial output")
+        fail, self.fail = self.fail, None  # fail the first call only
+        if fail is not None:
+            raise fail
+        write_outputs(out_dir)
+        return make_report()
+
+
+def test_the_checkpoint_survives_retries_and_redeliveries_and_goes_when_the_job_ends(
+    env: tuple[JobStore, Storage],
+) -> None:
+    store, storage = env
+    payload = submit(store, storage)
+    lib = CheckpointingLibrary(fail=redis.ConnectionError("connection reset"))
+    with pytest.raises(TransientFailure):
+        run(store, storage, payload, lib, can_retry=True)
+    ckpt = storage.checkpoint(payload.job_id)
+    assert (ckpt / "state.json").read_text() == "attempt 1"
+    assert not (storage.scratch(payload.job_id) / "partial.bin").exists()
+
+    # A redelivery (the worker died) keeps the checkpoint and drops the partial output.
+    (storage.scratch(payload.job_id) / "partial.bin").write_bytes(b"left by a dead worker")
+    storage.fresh_scratch(payload.job_id)
+    assert (ckpt / "state.json").exists()
+    assert not (storage.scratch(payload.job_id) / "partial.bin").exists()
+
+    assert run(store, storage, payload, lib) is JobState.succeeded
+    assert lib.checkpoint_dirs == [ckpt, ckpt]
+    assert not storage.scratch(payload.job_id).exists()  # checkpoint removed after publication
+
+
+@pytest.mark.parametrize(
+    "fail", [BadCheckpointError("bad"), SoftTimeLimitExceeded(), CancelledError("stop")]
+)
+def test_a_failed_timed_out_or_cancelled_job_leaves_no_scratch_or_checkpoint(
+    env: tuple[JobStore, Storage], fail: BaseException
+) -> None:
+    store, storage = env
+    payload = submit(store, storage)
+    state = run(store, storage, payload, CheckpointingLibrary(fail=fail))
+    rec = store.get(payload.job_id)
+    assert rec is not None and rec.state is state
+    if isinstance(fail, SoftTimeLimitExceeded):
+        assert rec.error is not None and rec.error.code == "timeout"
+    assert not storage.scratch(payload.job_id).exists()
+    assert not storage.uploads(payload.job_id).exists()
+    assert not storage.artifacts(payload.job_id).exists()
