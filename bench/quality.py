@@ -99,8 +99,9 @@ class Protocol:
     max_eval_samples: int | None
     calibration_batches: int
     max_drop: float
-    ranking: str
+    ranking: str | None  # None: the library's default (PruneConfig.ranking)
     schedule: str
+    consumer_weighting: bool = False
 
 
 QUICK = Protocol(
@@ -119,7 +120,7 @@ QUICK = Protocol(
     max_eval_samples=2000,
     calibration_batches=2,
     max_drop=100.0,
-    ranking="auto",
+    ranking=None,
     schedule="decay",
 )
 
@@ -140,7 +141,7 @@ FULL = Protocol(
     max_eval_samples=None,
     calibration_batches=4,
     max_drop=100.0,
-    ranking="auto",
+    ranking=None,
     schedule="decay",
 )
 
@@ -173,7 +174,8 @@ def base_raw_config(proto: Protocol, model: Model, target: float, seed: int) -> 
         "prune": {
             "steps": proto.steps,
             "schedule": proto.schedule,
-            "ranking": proto.ranking,
+            **({} if proto.ranking is None else {"ranking": proto.ranking}),
+            "consumer_weighting": proto.consumer_weighting,
             "calibration_batches": proto.calibration_batches,
         },
         "truncate": {
@@ -261,6 +263,7 @@ def summarise_run(
         "final_iters_configured": report.config.recovery.final_iters,
         "val_top1_last_step": report.steps[-1].top1 if report.steps else None,
         **schedule_facts(report),
+        "ranking": report.config.prune.ranking,
         "timings_s": dict(report.timings_s),
         # Seconds per optimisation step: the pruned structure, not only its MACs, sets it.
         "recovery_s_per_step": round(
@@ -278,12 +281,33 @@ def run_one(
     weights: Path | None,
     work_dir: Path,
     reports_dir: Path | None,
+    reuse: bool = False,
 ) -> tuple[dict[str, Any], Any]:
+    # ``weights`` None means "summarise only": saved reports are used, nothing is compressed.
     """Compress once; returns the run's summary row and its report (None when it raised:
-    a failing method is a result, recorded with its ``error``, not a crash of the grid)."""
+    a failing method is a result, recorded with its ``error``, not a crash of the grid).
+
+    With ``reuse``, a report saved earlier under ``reports_dir`` for the same run id *and an
+    identical config* is taken instead of compressing again (an interrupted grid resumes, and
+    cells computed on another machine merge); its ``wall_s`` is the report's own total."""
     from flow_compress.pipeline import compress
 
     run_id = f"{method}-t{target:g}-s{seed}"
+    if (reuse or weights is None) and reports_dir is not None:
+        kept = reusable_report(reports_dir / f"{run_id}.json", cfg)
+        if kept is not None:
+            log(f"quality: {run_id}: reusing its saved report (same config)")
+            wall = float(kept.timings_s.get("total", 0.0))
+            return summarise_run(method, target, seed, kept, wall), kept
+    if weights is None:  # summarising saved reports only
+        log(f"quality: {run_id}: no saved report with this config")
+        return {
+            "method": method,
+            "label": METHODS[method].label,
+            "target": target,
+            "seed": seed,
+            "error": "not run (no saved report with this config)",
+        }, None
     log(f"quality: {run_id} (final fine-tune {cfg.recovery.final_iters} steps)")
     start = time.perf_counter()
     try:
@@ -311,6 +335,78 @@ def run_one(
     return row, report
 
 
+def reusable_report(path: Path, cfg: Any) -> Any:
+    """The ``CompressionReport`` at ``path`` if it exists and was made with exactly ``cfg``."""
+    from flow_compress.pipeline import load_report
+
+    if not path.is_file():
+        return None
+    try:
+        report = load_report(path)
+    except Exception:  # a torn or foreign file is recomputed, not trusted
+        return None
+    if report.config.model_dump(mode="json") != cfg.model_dump(mode="json"):
+        return None
+    return report
+
+
+def saved_base_model(cfg: Any, out: Path) -> Any:
+    """The base model's description for ``--summarise``: ``OUT/base_train.json`` (written by
+    the run that made the reports), else the cache entry's ``train.json``; no weights."""
+    from bench.common import CACHE_ROOT, BaseModel, cache_key
+
+    key = cache_key(cfg)
+    for path in (out / "base_train.json", CACHE_ROOT / key / "train.json"):
+        if path.is_file():
+            info = json.loads(path.read_text())
+            return BaseModel(path, f"described by {path.name} (summarised)", key, info)
+    return BaseModel(out, "unknown (summarised; no train.json found)", key, None)
+
+
+def load_saved_environment(reports_dir: Path) -> dict[str, Any]:
+    """``environment`` of the first saved report, in ``machine()``'s shape."""
+    for path in sorted(reports_dir.glob("*-s*.json")):
+        if path.name.endswith(".plan.json"):
+            continue
+        env: dict[str, Any] = json.loads(path.read_text()).get("environment", {})
+        return {**env, "torch_threads": "per cell", "loadavg_1m_5m_15m": None}
+    return {}
+
+
+def run_cell(
+    proto: Protocol,
+    model: Model,
+    weights: Path | None,
+    methods: Sequence[str],
+    seed: int,
+    target: float,
+    reports_dir: Path | None,
+    reuse: bool = False,
+) -> list[dict[str, Any]]:
+    """Every method at one (seed, target), ``idap_full`` first (see ``run_grid``)."""
+    ordered = sorted(methods, key=lambda m: m != REFERENCE)
+    raw = base_raw_config(proto, model, target, seed)
+    rows: list[dict[str, Any]] = []
+    extra = 0
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        for method in ordered:
+            cfg = method_config(raw, method, 0 if method == REFERENCE else extra)
+            row, report = run_one(method, target, seed, cfg, weights, Path(tmp), reports_dir, reuse)
+            if method == REFERENCE and report is not None:
+                extra = int(report.recovery_iterations.get("Layer Trunc", 0))
+            rows.append(row)
+    return rows
+
+
+def _cell_in_child(threads: int, *args: Any) -> list[dict[str, Any]]:
+    import torch
+
+    # Parallel cells share the machine's cores: without this each would start one thread
+    # per core and they would thrash (on a GPU the cores only feed the batches).
+    torch.set_num_threads(threads)
+    return run_cell(*args)
+
+
 def run_grid(
     proto: Protocol,
     model: Model,
@@ -318,6 +414,8 @@ def run_grid(
     methods: Sequence[str],
     *,
     reports_dir: Path | None = None,
+    reuse: bool = False,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Compress ``weights`` with every method at every (seed, target) of ``proto``.
 
@@ -326,23 +424,40 @@ def run_grid(
     that (seed, target) spends the same number of optimisation steps. Each report is saved as
     ``reports_dir/<method>-t<target>-s<seed>.json`` when ``reports_dir`` is given. Returns one
     summary row per run (``budget_checks`` verifies the equality afterwards).
+
+    ``jobs`` > 1 runs that many (seed, target) cells at once in child processes (each with
+    its share of the CPU threads): meant for a GPU, which one cell leaves mostly idle. Results
+    do not depend on ``jobs``; wall times per run do, since the cells share the machine.
     """
-    ordered = sorted(methods, key=lambda m: m != REFERENCE)
-    runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        for seed in proto.seeds:
-            for target in proto.targets:
-                raw = base_raw_config(proto, model, target, seed)
-                extra = 0
-                for method in ordered:
-                    cfg = method_config(raw, method, 0 if method == REFERENCE else extra)
-                    row, report = run_one(
-                        method, target, seed, cfg, weights, Path(tmp), reports_dir
-                    )
-                    if method == REFERENCE and report is not None:
-                        extra = int(report.recovery_iterations.get("Layer Trunc", 0))
-                    runs.append(row)
-    return runs
+    cells = [(seed, target) for target in proto.targets for seed in proto.seeds]
+    if jobs <= 1 or len(cells) == 1:
+        runs: list[dict[str, Any]] = []
+        for seed, target in cells:
+            runs += run_cell(proto, model, weights, methods, seed, target, reports_dir, reuse)
+        return runs
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _cell_in_child,
+                threads,
+                proto,
+                model,
+                weights,
+                methods,
+                seed,
+                target,
+                reports_dir,
+                reuse,
+            )
+            for seed, target in cells
+        ]
+        return [row for f in futures for row in f.result()]
 
 
 # --------------------------------------------------------------------------- summary
@@ -489,6 +604,10 @@ def markdown(payload: dict[str, Any]) -> str:
     summary = payload["summary"]
     runs = payload["runs"]
     target = payload["headline_target"]
+    used = sorted({r["ranking"] for r in runs if "ranking" in r})
+    ranking = f"`{'/'.join(used) or '?'}`"
+    if proto["ranking"] is None:
+        ranking += " (the library's default)"
     lines = [
         f"# Quality at equal cost ({payload['mode']} mode)",
         "",
@@ -516,7 +635,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- Targets (fraction of base MACs): {', '.join(f'{t:g}' for t in proto['targets'])}; "
         f"seeds: {', '.join(str(s) for s in proto['seeds'])}.",
         f"- Shared schedule: {proto['steps']} stage-1 steps (`{proto['schedule']}`), ranking "
-        f"`{proto['ranking']}`, {proto['iters_per_step']} recovery steps per prune step, batch "
+        f"{ranking}{' with consumer weighting' if proto['consumer_weighting'] else ''}"
+        f", {proto['iters_per_step']} recovery steps per prune step, batch "
         f"{proto['batch_size']}, lr {proto['lr']}, KD from the base model (T=4, w=0.7); final "
         f"fine-tune {proto['final_iters']} steps plus, for every method but IDAP++ (full), the "
         f"steps IDAP++ (full) spent in stage 2 ({proto['trunc_iters']} per tried block, at most "
@@ -643,7 +763,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     r["label"],
                     f"{r['target']:g}",
                     r["seed"],
-                    f"failed: {r['error']}",
+                    r["error"] if r["error"].startswith("not run") else f"failed: {r['error']}",
                     "",
                     "",
                     "",
@@ -683,7 +803,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--max-train-samples", type=int)
     g.add_argument("--max-drop", type=float)
     g.add_argument("--ranking", choices=["score", "score_per_mac", "auto"])
+    g.add_argument(
+        "--consumer-weighting",
+        action="store_true",
+        default=None,
+        help="weight divergence group scores by the consumers' input norms "
+        "(stock criteria ignore it)",
+    )
     g.add_argument("--headline-target", type=float, default=0.25)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="(seed, target) cells run at once in child processes (for a GPU; default 1)",
+    )
+    parser.add_argument(
+        "--summarise",
+        action="store_true",
+        help="compress nothing: rebuild results, tables and plots from the reports saved under "
+        "OUT/reports (e.g. by a run on a GPU machine); runs without a report are listed as "
+        "not run",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a run's saved report under OUT/reports when its config is identical "
+        "(resume an interrupted grid, or merge cells run elsewhere)",
+    )
     args = parser.parse_args(argv)
 
     proto = QUICK if args.mode == "quick" else FULL
@@ -700,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_train_samples": args.max_train_samples,
         "max_drop": args.max_drop,
         "ranking": args.ranking,
+        "consumer_weighting": args.consumer_weighting,
     }
     proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -713,19 +860,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model = Model(args.arch, args.dataset, args.in_chans, args.input_size, args.device)
     started = time.perf_counter()
-    base = ensure_base_model(
-        train_config(
-            args.arch, args.dataset, args.in_chans, args.input_size, args.base_epochs, args.device
-        ),
-        base_weights=args.base_weights,
+    tcfg = train_config(
+        args.arch, args.dataset, args.in_chans, args.input_size, args.base_epochs, args.device
     )
-    log(f"quality: base model {base.source}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    runs = run_grid(proto, model, base.weights, methods, reports_dir=out / "reports")
+    if args.summarise:
+        base = saved_base_model(tcfg, out)
+    else:
+        base = ensure_base_model(tcfg, base_weights=args.base_weights)
+    log(f"quality: base model {base.source}")
+    runs = run_grid(
+        proto,
+        model,
+        None if args.summarise else base.weights,
+        methods,
+        reports_dir=out / "reports",
+        reuse=args.reuse,
+        jobs=1 if args.summarise else args.jobs,
+    )
     done = [r for r in runs if "error" not in r]
     summary = aggregate(runs)
     info = base.train_info or {}
+    if not args.summarise:
+        # Kept beside the results so that ``--summarise`` can describe the base model later,
+        # on a machine without the cached weights.
+        write_json(out / "base_train.json", info)
+    ran_on = machine()
+    if args.summarise and done:
+        # The numbers come from the machine that wrote the reports, not from this one.
+        first = load_saved_environment(out / "reports")
+        ran_on = {**first, "summarised_on": ran_on.get("platform")}
     payload: dict[str, Any] = {
         "benchmark": NAME,
         "mode": args.mode,
@@ -751,7 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
         "budget": budget_checks(runs),
         "runs": runs,
-        "machine": machine(),
+        "machine": ran_on,
     }
     write_json(out / "results.json", payload)
     base_top1 = payload["base_model"]["eval_top1"]

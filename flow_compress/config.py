@@ -39,10 +39,11 @@ class PruneConfig(_Frozen):
     paper_beta: float = Field(0.10, gt=0, lt=1)
     criterion: Criterion = "divergence"
     ranking: Ranking = Field(
-        "auto",
+        "score",
         description=(
-            "Global order of removal: lowest score first, lowest score per MAC saved, or "
-            "auto (both each step, keep the better on calibration data)."
+            "Global order of removal: lowest score first (the paper's, and the default: it "
+            "measured best in bench/quality), lowest score per MAC saved, or auto (both each "
+            "step, keep the better on calibration data before recovery)."
         ),
     )
     consumer_weighting: bool = Field(

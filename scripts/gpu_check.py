@@ -1,5 +1,5 @@
 """CUDA checks for a GPU machine: AMP recovery, CUDA latency timing, export parity from a CUDA
-model, and one whole compression on the GPU.
+model, on a ResNet-50 at 224 px pruned to 28 % of its MACs.
 
 Usage: python scripts/gpu_check.py OUT_DIR   (writes gpu_check.json, report.json, report.md)
 """
@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
-from flow_compress.config import CompressionConfig, TrainConfig
+from flow_compress.config import CompressionConfig
 from flow_compress.data import load_dataset
 from flow_compress.evaluate import evaluate
-from flow_compress.models import build_model
+from flow_compress.models import build_model, save_weights
 from flow_compress.pipeline import compress
 from flow_compress.recovery import LoopSettings, fit
-from flow_compress.train import train
 
 
 def amp_check(device: torch.device) -> dict[str, float]:
@@ -51,39 +50,32 @@ def main() -> None:
     }
     result["amp_recovery"] = amp_check(device)
     work = out / "work"
-    t = time.perf_counter()
-    tr = train(
-        TrainConfig(
-            model="resnet50",
-            dataset="digits",
-            input_size=224,
-            epochs=4,
-            lr=0.05,
-            batch_size=64,
-            device="cuda",
-        ),
-        work / "base",
-    )
-    result["train"] = {"seconds": round(time.perf_counter() - t, 2), "test_top1": tr.test_top1}
+    # Latency and export parity, not accuracy: the paper's ResNet-50 at 224 px, pruned to
+    # 28 % of its MACs (the paper's −72 %) with channel counts rounded to 8 for the tensor
+    # cores. Its weights are untrained (digits only feeds the pipeline); accuracy on real data
+    # is bench.quality's job, which runs on this GPU in the same session.
     cfg = CompressionConfig.model_validate(
         {
             "model": "resnet50",
             "dataset": "digits",
             "input_size": 224,
-            "target_macs": 0.35,
-            "max_drop": 3.0,
+            "target_macs": 0.28,
+            "max_drop": 100.0,
             "device": "cuda",
-            "prune": {"steps": 4},
-            "truncate": {"max_layers": 2, "n_try": 2},
+            "prune": {"steps": 3, "round_to": 8, "calibration_batches": 1},
+            "truncate": {"max_layers": 1, "n_try": 1, "calibration_batches": 1},
             "recovery": {
-                "iters_per_step": 40,
-                "trunc_iters": 20,
-                "final_iters": 120,
+                "iters_per_step": 5,
+                "trunc_iters": 5,
+                "final_iters": 10,
                 "batch_size": 64,
             },
-            "latency": {"runs": 50, "warmup": 10, "batch_sizes": [1, 32]},
+            "latency": {"runs": 100, "warmup": 20, "batch_sizes": [1, 32]},
         }
     )
+    base = build_model("resnet50", 10, input_size=224)
+    (work / "base").mkdir(parents=True, exist_ok=True)
+    save_weights(base, work / "base" / "weights.safetensors")
     t = time.perf_counter()
     report = compress(cfg, weights=work / "base" / "weights.safetensors", out_dir=work / "out")
     result["compress_seconds"] = round(time.perf_counter() - t, 2)

@@ -123,3 +123,25 @@ def test_configs_differ_only_in_criterion_stage2_and_finetune(
     assert sorted(configs) == sorted(METHODS)
     first = next(iter(configs.values()))
     assert all(c == first for c in configs.values())
+
+
+def test_summarise_reuses_saved_reports_only_for_the_same_config(
+    grid: tuple[list[dict[str, Any]], Path],
+) -> None:
+    runs, reports = grid
+    model = Model("resnet18", "digits", 1, SIZE, "cpu")
+    # No weights: nothing may be compressed, every row must come from a saved report.
+    again = run_grid(PROTO, model, None, list(METHODS), reports_dir=reports)
+    strip = ("wall_s",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in again] == [
+        {k: v for k, v in r.items() if k not in strip} for r in runs
+    ]
+    # A different protocol matches no saved report: listed as not run, not silently reused.
+    other = run_grid(
+        replace(PROTO, final_iters=PROTO.final_iters + 1),
+        model,
+        None,
+        list(METHODS),
+        reports_dir=reports,
+    )
+    assert all(r["error"].startswith("not run") for r in other)
