@@ -6,6 +6,7 @@ stays cheap and torch-free.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -183,6 +184,13 @@ def compress(
     seed: Annotated[int, typer.Option()] = 0,
     config: Annotated[Path | None, typer.Option(help="JSON file with a CompressionConfig.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint every accepted step here; rerunning the same command after a "
+            "crash continues from the last one. Delete the folder when done."
+        ),
+    ] = None,
 ) -> None:
     """Compress a model to a MACs target within an accuracy budget; writes every artifact."""
     from rich.console import Console
@@ -224,7 +232,8 @@ def compress(
     console = Console(stderr=True)
     try:
         cfg = CompressionConfig.model_validate(raw)
-        report = _run_with_progress(console, run_compress, cfg, weights, out, overwrite)
+        run = functools.partial(run_compress, checkpoint_dir=checkpoint_dir)
+        report = _run_with_progress(console, run, cfg, weights, out, overwrite)
     except (FlowCompressError, ValidationError) as exc:
         raise _fail(exc) from exc
     speed = f"{report.speedup:.2f}× ({report.speedup_runtime})" if report.speedup else "n/a"

@@ -61,11 +61,23 @@ def compressed(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory) 
             str(cfg_file),
             "--out",
             str(out),
+            "--checkpoint-dir",
+            str(out.parent / "checkpoint"),
         ],
     )
     assert result.exit_code == 0, result.output
     assert "GMACs" in result.output
     return out
+
+
+def test_cli_checkpoints_outside_the_artifacts(compressed: Path) -> None:
+    # The checkpoint lives where the user said, never among the published artifacts; its last
+    # state is the model that stage 2 handed to the fine-tune (same plan as the artifacts).
+    state = json.loads((compressed.parent / "checkpoint" / "state.json").read_text())
+    assert state["stage"] == "Layer Trunc"
+    assert (compressed.parent / "checkpoint" / state["weights_file"]).is_file()
+    plan = json.loads((compressed / "plan.json").read_text())
+    assert len(state["plan_ops"]) == len(plan["ops"])
 
 
 def test_every_artifact_is_written_and_listed(compressed: Path) -> None:
