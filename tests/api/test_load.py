@@ -3,10 +3,8 @@ Celery worker, the real Redis store.
 
 For a bounded minute, 200 concurrent clients poll job status while 20 clients submit tiny
 real jobs at once. Every request must succeed (no error, no transport failure), and no job
-may be lost: every submitted job reaches a terminal state and its queue message is consumed.
-Jobs the single CPU worker cannot run within the window are cancelled while still queued
-(then the worker drains their messages without running them) — the test is about the
-service under load, not about compression speed.
+may be lost: every submitted job runs to ``succeeded`` (the worker keeps working through the
+queue after the window) and its queue message is consumed.
 """
 
 from __future__ import annotations
@@ -114,9 +112,6 @@ def test_concurrent_polls_and_submissions_lose_nothing(
         assert stats["poll ok"] >= POLLERS * 10
 
         with httpx.Client(base_url=url, timeout=30) as http:
-            for job_id in ids:  # cancel what is still queued: terminal at once
-                if http.get(f"/v1/jobs/{job_id}").json()["state"] == "queued":
-                    http.delete(f"/v1/jobs/{job_id}")
 
             def all_terminal() -> bool:
                 states = [http.get(f"/v1/jobs/{j}").json()["state"] for j in ids]
@@ -126,9 +121,8 @@ def test_concurrent_polls_and_submissions_lose_nothing(
             jobs = [http.get(f"/v1/jobs/{j}").json() for j in ids]
         states = Counter(j["state"] for j in jobs)
         print(f"jobs: {dict(states)}")
-        assert states["failed"] == 0, [j["error"] for j in jobs if j["error"]]
-        assert states["succeeded"] >= 1 and sum(states.values()) == SUBMITTERS
-        # Every message was consumed, the skipped (cancelled) ones included.
+        assert states["succeeded"] == SUBMITTERS, [j["error"] for j in jobs if j["error"]]
+        # Every message was consumed.
         queue = redis_client(redis_url)
         wait_for(lambda: queue.llen(f"{key_prefix}celery:gpu") == 0, 120)
         assert list((storage / "uploads").iterdir()) == []
