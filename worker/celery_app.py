@@ -10,7 +10,9 @@ Why each setting:
 - ``worker_max_tasks_per_child=1``: every job runs in a fresh process, so GPU memory and
   library state never leak from one job into the next; torch is imported only in that child.
 - ``worker_cancel_long_running_tasks_on_connection_loss``: if the broker connection drops the
-  message is redelivered; stopping the local run avoids two workers on one job.
+  message is redelivered; stopping the local run avoids two workers on one job. When Redis
+  itself went down, kombu cannot put the message back at that moment; the consumer step
+  ``RequeueCutOffJobs`` does it on reconnecting (``worker.recovery``).
 - The result backend is disabled: the job store is the single source of truth.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from celery import Celery
 
 from worker.broker import celery_broker_url
+from worker.recovery import RequeueCutOffJobs
 from worker.settings import WorkerSettings
 
 TASK_NAME = "flow_compress.compress_job"
@@ -38,6 +41,7 @@ def create_celery(settings: WorkerSettings) -> FlowCelery:
         "flow_compress", broker=celery_broker_url(settings.redis_url), include=["worker.tasks"]
     )
     app.settings = settings
+    app.steps["consumer"].add(RequeueCutOffJobs)
     app.conf.update(
         task_default_queue=settings.queue,
         task_routes={TASK_NAME: {"queue": settings.queue}},

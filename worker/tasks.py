@@ -23,6 +23,7 @@ from worker.broker import redis_client
 from worker.celery_app import TASK_NAME, FlowCelery
 from worker.errors import classify
 from worker.jobs import JobError, JobPayload, JobState
+from worker.recovery import note_cut_off
 from worker.storage import ArtifactCorruptError, Storage
 from worker.store import JobStore, StartOutcome
 
@@ -174,7 +175,9 @@ def _succeed(store: JobStore, storage: Storage, job_id: str, report: Compression
 
 class CompressTask(Task):  # type: ignore[misc]
     """Task class: ``on_failure`` also runs in the worker's main process after a hard time
-    limit killed the child, which is the only path where ``run_job`` cannot record the end."""
+    limit killed the child, which is the only path where ``run_job`` cannot record the end;
+    ``on_retry`` runs there when Celery stopped the job because the broker connection was lost.
+    """
 
     app: FlowCelery
     _context: tuple[int, JobStore, Storage] | None = None
@@ -201,6 +204,18 @@ class CompressTask(Task):  # type: ignore[misc]
             log.error("job %s failed outside run_job: [%s]", task_id, failure.code)
         storage.discard_scratch(task_id)
         storage.remove_uploads(task_id)
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # A retry raised by the task itself comes with its traceback (``einfo``), in the pool
+        # child, after run_job requeued the job. Without one, this is Celery's main process
+        # announcing that it terminated the running job because the broker connection was
+        # lost (``Request.cancel``): Redis may be down, so nothing can be written now; the
+        # job is put back on the queue once the consumer has reconnected (worker.recovery).
+        if einfo is None:
+            log.warning("job %s: stopped because the broker connection was lost", task_id)
+            note_cut_off(task_id)
 
 
 @shared_task(bind=True, base=CompressTask, name=TASK_NAME)
