@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flow_compress.errors import UnsupportedModelError
+from flow_compress.models import replace_module
 
 
 def _timm_attention_type() -> type[nn.Module] | None:
@@ -349,7 +350,7 @@ def prune_heads(model: nn.Module, path: str, heads: Sequence[int]) -> nn.Module:
         raise UnsupportedModelError(f"pruning every head of {path} would empty the layer")
     if isinstance(module, nn.MultiheadAttention):
         module = PrunedMultiheadAttention.from_mha(module)
-        _set_submodule(model, path, module)
+        replace_module(model, path, module)
     rows = _keep_rows(h, d, keep)
     width = h * d
     packed_rows = torch.cat([rows, rows + width, rows + 2 * width])
@@ -369,15 +370,6 @@ def prune_heads(model: nn.Module, path: str, heads: Sequence[int]) -> nn.Module:
     module.num_heads = len(keep)
     module.attn_dim = len(keep) * d
     return module
-
-
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    if isinstance(parent, nn.Sequential | nn.ModuleList) and attr.isdigit():
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)
 
 
 __all__ = [

@@ -286,12 +286,3 @@ def make_replacement(block: nn.Module, kind: Kind) -> nn.Module:
         if rule.match(block) is not None:
             return rule.projection(block)
     raise ValueError(f"no projection rule for {type(block).__name__}")
-
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    if isinstance(parent, nn.Sequential | nn.ModuleList) and attr.isdigit():
-        parent[int(attr)] = new
-    else:
-        setattr(parent, attr, new)

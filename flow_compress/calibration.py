@@ -10,11 +10,32 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from flow_compress import attention
 from flow_compress.data import Batch
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _run_observed(
+    model: nn.Module,
+    install: Callable[[list[RemovableHandle]], None],
+    batches: Iterable[Batch],
+    device: torch.device,
+) -> None:
+    """Run ``batches`` through ``model`` in eval mode with the hooks ``install`` registers
+    (appending each handle to the list it is given); every hook is removed in ``finally``,
+    also those registered before an error in ``install`` itself."""
+    handles: list[RemovableHandle] = []
+    try:
+        install(handles)
+        model.eval()
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass(frozen=True)
@@ -79,16 +100,12 @@ def collect_unit_stats(
     """Run ``batches`` through ``model`` and return stats keyed like ``taps``."""
     modules = dict(model.named_modules())
     accs = {key: _Accumulator(spec) for key, spec in taps.items()}
-    handles = []
-    try:
+
+    def install(handles: list[RemovableHandle]) -> None:
         for key, spec in taps.items():
             handles.append(modules[spec.module].register_forward_hook(accs[key]))
-        model.eval()
-        for x, _ in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+
+    _run_observed(model, install, batches, device)
     return {key: acc.result() for key, acc in accs.items()}
 
 
@@ -106,7 +123,6 @@ def collect_head_stats(
     totals: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     tokens: dict[str, int] = {}
-    handles = []
 
     def hook(name: str) -> Callable[..., None]:
         def fn(m: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
@@ -121,15 +137,12 @@ def collect_head_stats(
         return fn
 
     names = list(layers)
-    try:
+
+    def install(handles: list[RemovableHandle]) -> None:
         for name in names:
             handles.append(modules[name].register_forward_pre_hook(hook(name), with_kwargs=True))
-        model.eval()
-        for x, _ in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+
+    _run_observed(model, install, batches, device)
     missing = [n for n in names if n not in totals]
     if missing:
         raise RuntimeError(f"attention layers {missing} saw no self-attention call")
@@ -157,7 +170,6 @@ def collect_block_norms(
     inputs: dict[str, list[torch.Tensor]] = {k: [] for k in blocks}
     branches: dict[str, list[torch.Tensor]] = {k: [] for k in blocks}
     last_input: dict[str, torch.Tensor] = {}
-    handles = []
 
     def norms(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float().flatten(1).norm(dim=1).cpu()
@@ -181,7 +193,7 @@ def collect_block_norms(
 
         return hook
 
-    try:
+    def install(handles: list[RemovableHandle]) -> None:
         for name, branch in blocks.items():
             block = modules[name]
             handles.append(block.register_forward_pre_hook(pre_hook(name)))
@@ -190,11 +202,7 @@ def collect_block_norms(
                 handles.append(last.register_forward_hook(block_hook(name)))
             else:
                 handles.append(modules[f"{name}.{branch}"].register_forward_hook(branch_hook(name)))
-        model.eval()
-        for x, _ in batches:
-            model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        last_input.clear()
+
+    _run_observed(model, install, batches, device)
+    last_input.clear()
     return {k: (torch.cat(branches[k]), torch.cat(inputs[k])) for k in blocks if inputs[k]}

@@ -39,10 +39,14 @@ def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     return None
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``path`` of ``model`` (indices of Sequential/ModuleList too)."""
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, new)
+    if isinstance(parent, nn.Sequential | nn.ModuleList) and attr.isdigit():
+        parent[int(attr)] = new
+    else:
+        setattr(parent, attr, new)
 
 
 def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
@@ -73,7 +77,7 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
         new.weight.copy_(mean.repeat(1, in_chans, 1, 1) * (conv.in_channels / in_chans))
         if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
-    _set_submodule(model, path, new)
+    replace_module(model, path, new)
     return model
 
 
@@ -87,7 +91,7 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         raise UnsupportedModelError("no Linear classifier found to resize")
     path, head = last
     if head.out_features != num_classes:
-        _set_submodule(model, path, nn.Linear(head.in_features, num_classes))
+        replace_module(model, path, nn.Linear(head.in_features, num_classes))
 
 
 # --------------------------------------------------------------------------- weights

@@ -16,9 +16,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from flow_compress.blocks import make_replacement, replace_module
+from flow_compress.blocks import make_replacement
 from flow_compress.errors import InvalidConfigError
-from flow_compress.models import build_model, load_weights
+from flow_compress.models import build_model, load_weights, replace_module
 from flow_compress.tp_adapter import replay_prune
 
 

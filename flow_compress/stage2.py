@@ -23,9 +23,10 @@ import copy
 from torch import nn
 
 from flow_compress import divergence
-from flow_compress.blocks import find_candidates, make_replacement, replace_module
+from flow_compress.blocks import find_candidates, make_replacement
 from flow_compress.calibration import collect_block_norms
 from flow_compress.context import Context
+from flow_compress.models import replace_module
 
 STAGE = "Layer Trunc"
 
