@@ -32,12 +32,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     add_base_model_args,
+    choose_protocol,
     command_line,
     ensure_base_model,
     figure,
@@ -46,6 +47,7 @@ from bench.common import (
     machine_lines,
     make_parser,
     md_table,
+    schedule_config,
     train_config,
     write_json,
     write_text,
@@ -147,13 +149,16 @@ def compression_config(
     needs) and ``quantize`` (on the default run) differ between runs."""
     from flow_compress.config import CompressionConfig
 
-    recovery: dict[str, Any] = {
-        "distillation": distillation,
-        "iters_per_step": proto.iters_per_step,
-        "trunc_iters": proto.trunc_iters,
-        "final_iters": proto.final_iters,
-        "batch_size": proto.batch_size,
-    }
+    raw = schedule_config(
+        proto,
+        arch=arch,
+        dataset=dataset,
+        in_chans=in_chans,
+        input_size=input_size,
+        device=device,
+    )
+    recovery: dict[str, Any] = raw["recovery"]
+    recovery["distillation"] = distillation
     if distillation == "kd_features":
         recovery["feature_taps"] = list(proto.feature_taps)
     quantize: dict[str, Any] = {}
@@ -163,27 +168,16 @@ def compression_config(
             "calibration_samples": proto.calibration_samples,
             "min_agreement": proto.min_agreement,
         }
-    return CompressionConfig.model_validate(
-        {
-            "model": arch,
-            "dataset": dataset,
-            "in_chans": in_chans,
-            "input_size": input_size,
-            "target_macs": proto.target,
-            "max_drop": 100.0,
-            "device": device,
-            "prune": {"steps": proto.steps},
-            "truncate": {"max_layers": proto.max_layers},
-            "recovery": recovery,
-            "data": {
-                "max_train_samples": proto.max_train_samples,
-                "max_eval_samples": proto.max_eval_samples,
-            },
-            # The benchmark times every file itself, together, in one process.
-            "latency": {"enabled": False},
-            "quantize": quantize,
-        }
+    raw.update(
+        data={
+            "max_train_samples": proto.max_train_samples,
+            "max_eval_samples": proto.max_eval_samples,
+        },
+        # The benchmark times every file itself, together, in one process.
+        latency={"enabled": False},
+        quantize=quantize,
     )
+    return CompressionConfig.model_validate(raw)
 
 
 def time_all(
@@ -481,7 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--feature-taps", help="comma-separated module paths for kd_features")
     args = parser.parse_args(argv)
 
-    proto = QUICK if args.mode == "quick" else FULL
     overrides: dict[str, Any] = {
         "target": args.target,
         "steps": args.steps,
@@ -495,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.feature_taps:
         overrides["feature_taps"] = tuple(t.strip() for t in args.feature_taps.split(","))
-    proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
+    proto = choose_protocol(args.mode, QUICK, FULL, **overrides)
     started = time.perf_counter()
     tcfg = train_config(
         args.arch, args.dataset, args.in_chans, args.input_size, args.base_epochs, args.device

@@ -18,9 +18,9 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_ROOT = REPO / "bench" / "results"
@@ -35,6 +35,48 @@ DEFAULT_DATASET = "fashion-mnist"
 DEFAULT_IN_CHANS = 1
 DEFAULT_INPUT_SIZE = 28
 DEFAULT_EPOCHS = 2.0
+
+
+P = TypeVar("P")
+
+
+def choose_protocol(mode: str, quick: P, full: P, **overrides: Any) -> P:
+    """The ``mode``'s protocol (a frozen dataclass) with every override that is not None."""
+    base = quick if mode == "quick" else full
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[type-var]
+
+
+def schedule_config(
+    proto: Any,
+    *,
+    arch: str,
+    dataset: str,
+    in_chans: int,
+    input_size: int,
+    device: str,
+    max_drop: float = 100.0,
+) -> dict[str, Any]:
+    """The ``CompressionConfig`` fields the one-model benchmarks share, from a protocol with
+    ``target``, ``steps``, ``max_layers``, ``iters_per_step``, ``trunc_iters``,
+    ``final_iters`` and ``batch_size``; callers add their own sections. The accuracy budget
+    is lifted by default so that a run reaches the asked-for MACs."""
+    return {
+        "model": arch,
+        "dataset": dataset,
+        "in_chans": in_chans,
+        "input_size": input_size,
+        "target_macs": proto.target,
+        "max_drop": max_drop,
+        "device": device,
+        "prune": {"steps": proto.steps},
+        "truncate": {"max_layers": proto.max_layers},
+        "recovery": {
+            "iters_per_step": proto.iters_per_step,
+            "trunc_iters": proto.trunc_iters,
+            "final_iters": proto.final_iters,
+            "batch_size": proto.batch_size,
+        },
+    }
 
 
 def log(message: str) -> None:
@@ -367,6 +409,7 @@ __all__ = [
     "BaseModel",
     "add_base_model_args",
     "cache_key",
+    "choose_protocol",
     "command_line",
     "ensure_base_model",
     "figure",
@@ -380,6 +423,7 @@ __all__ = [
     "parse_floats",
     "parse_ints",
     "percentile",
+    "schedule_config",
     "train_config",
     "write_json",
     "write_text",

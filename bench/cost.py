@@ -20,12 +20,13 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     add_base_model_args,
+    choose_protocol,
     command_line,
     ensure_base_model,
     figure,
@@ -34,6 +35,7 @@ from bench.common import (
     machine_lines,
     make_parser,
     md_table,
+    schedule_config,
     train_config,
     write_json,
     write_text,
@@ -210,15 +212,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flow_compress.config import CompressionConfig
     from flow_compress.pipeline import compress
 
-    proto = QUICK if args.mode == "quick" else FULL
-    overrides = {
-        "target": args.target,
-        "steps": args.steps,
-        "iters_per_step": args.iters_per_step,
-        "final_iters": args.final_iters,
-        "max_eval_samples": args.max_eval_samples,
-    }
-    proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
+    proto = choose_protocol(
+        args.mode,
+        QUICK,
+        FULL,
+        target=args.target,
+        steps=args.steps,
+        iters_per_step=args.iters_per_step,
+        final_iters=args.final_iters,
+        max_eval_samples=args.max_eval_samples,
+    )
     base = ensure_base_model(
         train_config(
             args.arch, args.dataset, args.in_chans, args.input_size, args.base_epochs, args.device
@@ -226,27 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_weights=args.base_weights,
     )
     log(f"cost: base model {base.source}")
-    cfg = CompressionConfig.model_validate(
-        {
-            "model": args.arch,
-            "dataset": args.dataset,
-            "in_chans": args.in_chans,
-            "input_size": args.input_size,
-            "target_macs": proto.target,
-            "max_drop": args.max_drop,
-            "device": args.device,
-            "prune": {"steps": proto.steps},
-            "truncate": {"max_layers": proto.max_layers},
-            "recovery": {
-                "iters_per_step": proto.iters_per_step,
-                "trunc_iters": proto.trunc_iters,
-                "final_iters": proto.final_iters,
-                "batch_size": proto.batch_size,
-            },
-            "data": {"max_eval_samples": proto.max_eval_samples},
-            "latency": {"runs": proto.latency_runs},
-        }
+    raw = schedule_config(
+        proto,
+        arch=args.arch,
+        dataset=args.dataset,
+        in_chans=args.in_chans,
+        input_size=args.input_size,
+        device=args.device,
+        max_drop=args.max_drop,
     )
+    raw.update(
+        data={"max_eval_samples": proto.max_eval_samples},
+        latency={"runs": proto.latency_runs},
+    )
+    cfg = CompressionConfig.model_validate(raw)
     with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
         log("cost: compressing")
         start = time.perf_counter()

@@ -32,13 +32,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     REPO,
     add_base_model_args,
+    choose_protocol,
     command_line,
     ensure_base_model,
     figure,
@@ -846,7 +847,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    proto = QUICK if args.mode == "quick" else FULL
     overrides = {
         "targets": args.targets,
         "seeds": args.seeds,
@@ -862,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ranking": args.ranking,
         "consumer_weighting": args.consumer_weighting,
     }
-    proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
+    proto = choose_protocol(args.mode, QUICK, FULL, **overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -31,12 +31,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     REPO,
+    choose_protocol,
     command_line,
     figure,
     log,
@@ -409,14 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--submit-every", type=int, help="one submission per N requests")
     g.add_argument("--max-requests", type=int, help="cap on requests in all")
     args = parser.parse_args(argv)
-    proto = QUICK if args.mode == "quick" else FULL
-    overrides = {
-        "duration_s": args.duration,
-        "clients": args.clients,
-        "submit_every": args.submit_every,
-        "max_requests": args.max_requests,
-    }
-    proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
+    proto = choose_protocol(
+        args.mode,
+        QUICK,
+        FULL,
+        duration_s=args.duration,
+        clients=args.clients,
+        submit_every=args.submit_every,
+        max_requests=args.max_requests,
+    )
     # Bounded by design: a load test must not become a denial of service of this machine.
     if not (
         0 < proto.duration_s <= 600

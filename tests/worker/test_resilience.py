@@ -95,6 +95,27 @@ def finished(store: JobStore, job_id: str, log: Path) -> JobRecord:
     return rec
 
 
+def assert_resumed_once_and_published_cleanly(
+    storage: Path, job_id: str, checkpointed_step: int
+) -> dict[str, Any]:
+    """The published run resumed once, from at least the checkpointed step (not step 0); its
+    artifacts are one consistent set (every listed file matches, nothing unlisted); scratch and
+    uploads are gone. Returns the report."""
+    artifacts = storage / "artifacts" / job_id
+    report: dict[str, Any] = json.loads((artifacts / "report.json").read_text())
+    resumed = [n for n in report["notes"] if n.startswith("resumed from a checkpoint")]
+    assert len(resumed) == 1, report["notes"]
+    step = int(re.search(r"Filter Prune step (\d+)", resumed[0]).group(1))  # type: ignore[union-attr]
+    assert step >= checkpointed_step >= 1  # not from step 0
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    listed = {f["name"] for f in manifest["files"]}
+    assert verify_manifest(artifacts) == []
+    assert {p.name for p in artifacts.iterdir()} == listed | {"manifest.json"}
+    assert not (storage / "scratch" / job_id).exists()
+    assert not (storage / "uploads" / job_id).exists()
+    return report
+
+
 def api(url: str, storage: Path, prefix: str) -> TestClient:
     settings = ApiSettings(redis_url=url, key_prefix=prefix, storage_dir=storage)
     client = TestClient(create_app(settings))
@@ -134,19 +155,8 @@ def test_a_worker_killed_mid_job_is_redelivered_resumes_and_succeeds_once(
         assert successes() == 1
 
         artifacts = storage / "artifacts" / job_id
-        report = json.loads((artifacts / "report.json").read_text())
-        resumed = [n for n in report["notes"] if n.startswith("resumed from a checkpoint")]
-        assert len(resumed) == 1, report["notes"]
-        step = int(re.search(r"Filter Prune step (\d+)", resumed[0]).group(1))  # type: ignore[union-attr]
-        assert step >= checkpointed["step"] >= 1  # not from step 0
-        # One consistent set of artifacts: every listed file matches, nothing unlisted.
-        manifest = json.loads((artifacts / "manifest.json").read_text())
-        listed = {f["name"] for f in manifest["files"]}
-        assert verify_manifest(artifacts) == []
-        assert {p.name for p in artifacts.iterdir()} == listed | {"manifest.json"}
+        report = assert_resumed_once_and_published_cleanly(storage, job_id, checkpointed["step"])
         assert [s["stage"] for s in report["steps"]].count("Baseline") == 1
-        assert not (storage / "scratch" / job_id).exists()
-        assert not (storage / "uploads" / job_id).exists()
         # A late duplicate of the message (e.g. a visibility-timeout redelivery) is a no-op.
         before = store.get(job_id)
         client.app.state.jobs.celery.send_task(  # type: ignore[attr-defined]
@@ -336,19 +346,7 @@ def test_external_redis_crash_while_a_job_runs_requeues_it_and_it_succeeds_once(
         assert broker.zcard(f"{unacked}_index") == 0
         assert broker.llen(f"{prefix}celery:gpu") == 0
 
-        artifacts = storage / "artifacts" / job_id
-        report = json.loads((artifacts / "report.json").read_text())
-        resumed = [n for n in report["notes"] if n.startswith("resumed from a checkpoint")]
-        assert len(resumed) == 1, report["notes"]
-        step = int(re.search(r"Filter Prune step (\d+)", resumed[0]).group(1))  # type: ignore[union-attr]
-        assert step >= checkpointed["step"] >= 1  # not from step 0
-        manifest = json.loads((artifacts / "manifest.json").read_text())
-        assert verify_manifest(artifacts) == []
-        assert {p.name for p in artifacts.iterdir()} == {f["name"] for f in manifest["files"]} | {
-            "manifest.json"
-        }
-        assert not (storage / "scratch" / job_id).exists()
-        assert not (storage / "uploads" / job_id).exists()
+        assert_resumed_once_and_published_cleanly(storage, job_id, checkpointed["step"])
     finally:
         client.__exit__(None, None, None)
         stop(worker)
