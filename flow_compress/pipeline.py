@@ -228,6 +228,7 @@ def compress(
         base_test = evaluate(ctx.teacher, data.loader("test", bs), device)
         pruned_test = evaluate(pruned, data.loader("test", bs), device)
         rel = relative_output_error(ctx.teacher, pruned, data.loader("val", bs), device)
+    pruned_cost = ctx.cost(pruned)
     guarantee = (
         Guarantee(delta_p99=float(torch.quantile(rel, 0.99)), delta_max=float(rel.max()))
         if len(rel)
@@ -276,7 +277,7 @@ def compress(
                     ctx.teacher,
                     (*base_test, ctx.base_macs),
                     scratch / EXPORT_FILE_NAMES["onnx"],
-                    (*pruned_test, ctx.cost(pruned)[0]),
+                    (*pruned_test, pruned_cost[0]),
                     quantized,
                     (data.in_chans, size, size),
                     config.latency if config.latency.enabled else None,
@@ -288,7 +289,7 @@ def compress(
         report = _build_report(
             config,
             ctx,
-            pruned,
+            pruned_cost,
             base_test,
             pruned_test,
             guarantee,
@@ -335,7 +336,7 @@ def _check_plan_replay(
 def _build_report(
     config: CompressionConfig,
     ctx: Context,
-    pruned: nn.Module,
+    pruned_cost: tuple[int, int],
     base_test: tuple[float, float],
     pruned_test: tuple[float, float],
     guarantee: Guarantee | None,
@@ -346,7 +347,7 @@ def _build_report(
     load_s: float,
     started: float,
 ) -> CompressionReport:
-    pruned_macs, pruned_params = ctx.cost(pruned)
+    pruned_macs, pruned_params = pruned_cost
 
     def lat(which: str) -> dict[str, float]:
         return {
