@@ -1,8 +1,13 @@
 """flow-compress: IDAP++ compression of PyTorch vision models.
 
 The public API is imported lazily so that torch-free modules (``config``, ``schema``,
-``errors``, ``registry``, ``refs``) can be used without importing torch — the HTTP layer
-relies on that.
+``errors``, ``refs``, ``artifacts`` and the registries of ``arch``, ``criteria`` and
+``export``) can be used without importing torch — the HTTP layer relies on that.
+
+Packages: ``pipeline`` (compress = prepare → stages → finalize → publish), ``criteria``
+(stage-1 scores), ``arch`` (families, module surgery, stage-2 blocks, attention heads),
+``graph`` (DepGraph through torch-pruning, MACs), ``export`` (formats, parity, quantized
+variants), ``measure`` (accuracy, latency, environment), ``report`` (Markdown, plots).
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ _EXPORTS = {
     "FlowCompressError": "flow_compress.errors",
     "compress": "flow_compress.pipeline",
     "run_pipeline": "flow_compress.pipeline",
-    "load_report": "flow_compress.pipeline",
+    "load_report": "flow_compress.report",
     "train": "flow_compress.train",
     "build_model": "flow_compress.models",
     "load_weights": "flow_compress.models",
     "load_dataset": "flow_compress.data",
     "rebuild": "flow_compress.plan",
     "read_plan": "flow_compress.plan",
-    "list_architectures": "flow_compress.registry",
+    "list_architectures": "flow_compress.arch",
 }
 
 __all__ = [
@@ -49,13 +54,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from flow_compress.arch import list_architectures
     from flow_compress.config import CompressionConfig, TrainConfig
     from flow_compress.data import load_dataset
     from flow_compress.errors import FlowCompressError
     from flow_compress.models import build_model, load_weights
-    from flow_compress.pipeline import compress, load_report, run_pipeline
+    from flow_compress.pipeline import compress, run_pipeline
     from flow_compress.plan import read_plan, rebuild
-    from flow_compress.registry import list_architectures
+    from flow_compress.report import load_report
     from flow_compress.schema import CompressionReport, ProgressEvent
     from flow_compress.train import train
 

@@ -1,32 +1,33 @@
-"""Artifact files: atomic writes, sha256 digests and the manifest.
+"""Artifact files: atomic writes, sha256 digests and the manifest — the one implementation
+the library, the worker and the API share (torch-free).
 
 A reader (the API streaming a download, a CI job polling a folder) must never see a
 half-written file. Every write goes to a temporary file in the destination's own folder (so
 the final rename cannot cross file systems), is flushed to disk, and then replaces the
 destination with ``os.replace``, which is atomic on POSIX and Windows.
+
+``manifest.json`` is a ``Manifest``: every published file by plain name (no folders: the
+service serves a file by the name in the URL), with its size and sha256.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_NAME = "manifest.json"
-_CHUNK = 1 << 20
 
 
 def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    """Hex sha256 of a file's bytes."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -70,66 +71,86 @@ def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> N
     atomic_write_bytes(path, text.encode(encoding))
 
 
-def _checked_name(name: str) -> str:
-    """Manifest names are relative POSIX paths inside the artifact folder."""
-    pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or "\\" in name or any(p in ("", "..") for p in pure.parts):
-        raise ValueError(f"artifact name {name!r} must be a relative path inside the folder")
-    if str(pure) != name:
-        raise ValueError(f"artifact name {name!r} is not normalised (expected {str(pure)!r})")
+def _plain_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise ValueError(f"artifact name {name!r} must be a plain file name in the folder")
     if name == MANIFEST_NAME:
         raise ValueError(f"{MANIFEST_NAME} cannot list itself")
     return name
 
 
-def file_entry(out_dir: Path | str, name: str) -> dict[str, object]:
-    """``{"name", "size", "sha256"}`` of one file in ``out_dir``."""
-    path = Path(out_dir) / _checked_name(name)
+class ManifestEntry(BaseModel):
+    """One published file: a plain name inside the artifact folder, its size and sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    size: int = Field(..., ge=0)
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _plain_name(v)
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: the files of one artifact folder, in the order they were listed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    files: list[ManifestEntry]
+
+    def entry(self, name: str) -> ManifestEntry | None:
+        return next((f for f in self.files if f.name == name), None)
+
+
+def file_entry(out_dir: Path | str, name: str) -> ManifestEntry:
+    """The manifest entry of file ``name`` in ``out_dir``; ``ValueError`` for a name that is
+    not a plain file name, ``FileNotFoundError`` when it is not a file there."""
+    path = Path(out_dir) / _plain_name(name)
     if not path.is_file():
         raise FileNotFoundError(f"artifact {name!r} is not a file in {out_dir}")
-    return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    return ManifestEntry(name=name, size=path.stat().st_size, sha256=sha256_file(path))
 
 
-def write_manifest(out_dir: Path | str, names: Iterable[str]) -> dict[str, list[dict[str, object]]]:
+def write_manifest(out_dir: Path | str, names: Iterable[str]) -> Manifest:
     """Write ``out_dir/manifest.json`` listing ``names`` with their sizes and sha256 digests.
 
-    ``names`` are relative paths inside ``out_dir`` (duplicates are listed once, in first-seen
-    order). The manifest is ``{"files": [{"name", "size", "sha256"}, ...]}``, written
-    atomically; the same dictionary is returned. Raises ``ValueError`` for a name that leaves
-    the folder and ``FileNotFoundError`` for one that is not a file, before anything is written.
+    Duplicates are listed once, in first-seen order. Written atomically; the same manifest is
+    returned. Raises ``ValueError`` for a name that is not a plain file name and
+    ``FileNotFoundError`` for one that is not a file, before anything is written.
     """
     out_dir = Path(out_dir)
-    entries = [file_entry(out_dir, name) for name in dict.fromkeys(names)]
-    manifest: dict[str, list[dict[str, object]]] = {"files": entries}
-    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(files=[file_entry(out_dir, name) for name in dict.fromkeys(names)])
+    atomic_write_text(out_dir / MANIFEST_NAME, manifest.model_dump_json(indent=2) + "\n")
     return manifest
 
 
-def read_manifest(out_dir: Path | str) -> dict[str, list[dict[str, object]]]:
-    """The manifest written by ``write_manifest``."""
-    with open(Path(out_dir) / MANIFEST_NAME, encoding="utf-8") as fh:
-        data: dict[str, list[dict[str, object]]] = json.load(fh)
-    return data
+def read_manifest(out_dir: Path | str) -> Manifest:
+    """The manifest of ``out_dir`` (``ValidationError`` when it is malformed)."""
+    return Manifest.model_validate_json((Path(out_dir) / MANIFEST_NAME).read_bytes())
 
 
 def verify_manifest(out_dir: Path | str) -> list[str]:
     """Names in the manifest whose file is missing or whose size or sha256 differ."""
     out_dir = Path(out_dir)
     bad: list[str] = []
-    for entry in read_manifest(out_dir)["files"]:
-        name = str(entry["name"])
-        path = out_dir / name
+    for entry in read_manifest(out_dir).files:
+        path = out_dir / entry.name
         if (
             not path.is_file()
-            or path.stat().st_size != entry["size"]
-            or sha256_file(path) != entry["sha256"]
+            or path.stat().st_size != entry.size
+            or sha256_file(path) != entry.sha256
         ):
-            bad.append(name)
+            bad.append(entry.name)
     return bad
 
 
 __all__ = [
     "MANIFEST_NAME",
+    "Manifest",
+    "ManifestEntry",
     "atomic_write_bytes",
     "atomic_write_text",
     "file_entry",

@@ -20,10 +20,12 @@ from flow_compress.errors import FlowCompressError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flow_compress.schema import ProgressEvent
+    from flow_compress.models import WeightCaches
+    from flow_compress.schema import CompressionReport, ProgressEvent
 
+# No name: ``api.cli`` mounts this app with ``add_typer``, and an unnamed app's commands join
+# the top level there instead of forming a sub-group.
 app = typer.Typer(
-    name="flow-compress",
     help="Compress trained PyTorch vision models with IDAP++ (prune filters, truncate layers).",
     no_args_is_help=True,
     add_completion=False,
@@ -41,13 +43,6 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-    d[keys[-1]] = value
-
-
 def _split_list(text: str | None) -> list[str] | None:
     """``"a, b"`` -> ``["a", "b"]``; ``"none"`` or ``""`` -> ``[]``; None stays None (unset).
     Values are checked by the config models, so a typo is an ``invalid_config`` error."""
@@ -57,18 +52,156 @@ def _split_list(text: str | None) -> list[str] | None:
     return [] if items == ["none"] else items
 
 
-@app.command()
-def architectures() -> None:
-    """List the registered architecture names."""
-    from flow_compress.registry import list_architectures
+def _caches() -> WeightCaches:
+    """Where published weights may already be on this machine: the folders huggingface_hub
+    and torch.hub use (they read HF_HOME / HF_HUB_CACHE and TORCH_HOME); the library itself
+    reads no environment and gets these passed in."""
+    import torch.hub
+    from huggingface_hub import constants
 
-    for name in list_architectures():
-        typer.echo(name)
+    from flow_compress.models import WeightCaches
+
+    return WeightCaches(hub_cache=Path(constants.HF_HUB_CACHE), torch_hub=Path(torch.hub.get_dir()))
+
+
+@app.command()
+def architectures(
+    pattern: Annotated[
+        str | None, typer.Option("--filter", help="Shell-style pattern, e.g. 'efficientnet*'.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="registered, plugin, timm or torchvision.")
+    ] = None,
+) -> None:
+    """List the model names a job may use: reference, source and family (``auto``: the
+    structural rules). Bare names resolve to a registered family first; a name both timm and
+    torchvision have needs its prefix."""
+    from flow_compress.arch import AUTO_FAMILY, find_registered, get_architecture
+    from flow_compress.arch.catalogue import NameSource, build_catalogue
+
+    try:
+        wanted = NameSource(source) if source else None
+        if wanted is NameSource.HF_HUB:
+            raise ValueError
+    except ValueError:
+        raise _fail(ValueError("--source: one of registered, plugin, timm, torchvision")) from None
+    catalogue = build_catalogue()
+    for error in catalogue.plugin_errors:
+        typer.secho(f"plug-in failed to load: {error}", err=True, fg="red")
+    for src, name in catalogue.entries(source=wanted, pattern=pattern):
+        if src in (NameSource.REGISTERED, NameSource.PLUGIN):
+            typer.echo(f"{name}\t{src}\t{get_architecture(name).family}")
+        else:
+            spec = find_registered(src.value, name)
+            typer.echo(f"{src}:{name}\t{src}\t{spec.family if spec else AUTO_FAMILY}")
+
+
+@app.command()
+def check(
+    model: Annotated[
+        str, typer.Option(help="Model: resnet18, timm:NAME, torchvision:NAME, hf-hub:ORG/NAME.")
+    ],
+    weights: Annotated[Path | None, typer.Option(help="Weights to check against it.")] = None,
+    input_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
+    in_chans: Annotated[int, typer.Option()] = 3,
+    num_classes: Annotated[int, typer.Option()] = 10,
+    target_macs: Annotated[float, typer.Option(help="Fraction of base MACs to keep.")] = 0.3,
+    max_layer_ratio: Annotated[
+        float | None, typer.Option(help="Per-layer cap: fraction of a layer prunable.")
+    ] = None,
+    formats: Annotated[
+        str | None, typer.Option(help="Export formats to probe (default: all; none: skip).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Preflight in seconds on a CPU: weights fit, base MACs and params, prunable groups,
+    layers left alone and why, stage-2 candidates, MACs reachable under the per-layer caps,
+    TorchScript and ONNX parity of the unpruned model. Exits 1 when a check fails."""
+    from flow_compress.config import ExportConfig, PruneConfig
+    from flow_compress.preflight import preflight
+
+    try:
+        prune = PruneConfig(**({"max_layer_ratio": max_layer_ratio} if max_layer_ratio else {}))
+        chosen = _split_list(formats)
+        export = ExportConfig(
+            parity_samples=4, **({"formats": tuple(chosen)} if chosen is not None else {})
+        )
+        report = preflight(
+            model,
+            weights=weights,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            input_size=input_size,
+            target_macs=target_macs,
+            prune=prune,
+            export=export,
+            caches=_caches(),
+        )
+    except (FlowCompressError, ValidationError) as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        typer.echo(_describe_preflight(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _describe_preflight(r: Any) -> str:
+    mark = {True: "ok", False: "FAIL", None: "n/a"}
+    lines = [
+        f"{r.model} ({r.architecture}, family {r.family}) at {r.in_chans}x{r.input_size}px, "
+        f"{r.num_classes} classes  [{r.seconds:.1f} s]",
+        f"weights: {r.weights}" + (f" ({r.weights_error})" if r.weights_error else ""),
+    ]
+    if r.forward_error:
+        lines.append(f"forward pass FAILED in {r.failing_layer}: {r.forward_error}")
+        return "\n".join(lines)
+    lines.append(f"base: {r.macs / 1e6:.2f} MMACs, {r.params / 1e6:.2f} M params")
+    if r.graph_error:
+        lines.append(f"pruning graph FAILED: {r.graph_error}")
+    lines.append(
+        f"prunable: {r.prunable_groups} groups, {r.prunable_channels} channels, "
+        f"{r.prunable_heads} heads; left alone: {len(r.left_alone)} layers"
+    )
+    lines += [f"  {a.layer} ({a.type}): {a.reason}" for a in r.left_alone[:20]]
+    lines.append(f"stage-2 candidates: {len(r.stage2_candidates)}")
+    if r.reachable_macs is not None:
+        lines.append(
+            f"target {r.target_macs:.1%}: reachable {mark[r.target_reachable]} — every group "
+            f"at its cap leaves {r.reachable_macs / 1e6:.2f} MMACs ({r.reachable_ratio:.1%})"
+        )
+    for e in r.exports:
+        detail = f"max |diff| {e.max_abs_diff:.2e}" if e.error is None else e.error
+        lines.append(f"export {e.format}: {mark[e.passed]} ({detail})")
+    return "\n".join(lines)
+
+
+@app.command()
+def criteria() -> None:
+    """List the registered stage-1 criteria."""
+    from flow_compress.criteria import get_criterion, list_criteria
+
+    for name in list_criteria():
+        typer.echo(f"{name}\t{get_criterion(name).description}")
+
+
+@app.command()
+def formats() -> None:
+    """List the registered export formats and quantization modes."""
+    from flow_compress.export import get_exporter, get_quantizer, list_exporters, list_quantizers
+
+    for name in list_exporters():
+        typer.echo(f"{name}\t{get_exporter(name).file}")
+    for name in list_quantizers():
+        typer.echo(f"{name}\t{get_quantizer(name).file} (quantize.modes)")
 
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Registered architecture name.")],
+    model: Annotated[
+        str, typer.Option(help="Model: resnet18, timm:NAME, torchvision:NAME, hf-hub:ORG/NAME.")
+    ],
     dataset: Annotated[str, typer.Option(help="Dataset reference, e.g. fashion-mnist.")],
     out: Annotated[Path, typer.Option(help="Folder for weights.safetensors and train.json.")],
     epochs: Annotated[float, typer.Option(help="Epochs (fractions allowed).")] = 5,
@@ -79,7 +212,16 @@ def train(
     device: Annotated[str, typer.Option()] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     max_train_samples: Annotated[int | None, typer.Option()] = None,
-    pretrained: Annotated[bool, typer.Option(help="Start from published weights.")] = False,
+    pretrained: Annotated[
+        bool, typer.Option(help="Start from published weights in the local caches.")
+    ] = False,
+    normalization: Annotated[
+        str,
+        typer.Option(
+            help="default or pretrained (the architecture's published mean/std/resize; "
+            "compress with the same setting)."
+        ),
+    ] = "default",
 ) -> None:
     """Train a registered architecture on a dataset reference (to get a base model here)."""
     from rich.console import Console
@@ -100,7 +242,7 @@ def train(
             device=device,
             seed=seed,
             pretrained=pretrained,
-            data=DataConfig(max_train_samples=max_train_samples),
+            data=DataConfig(max_train_samples=max_train_samples, normalization=normalization),
         )
         console = Console(stderr=True)
         if console.is_terminal:
@@ -117,14 +259,14 @@ def train(
                 def on_iter(i: int, total: int, loss: float) -> None:
                     bar.update(task, completed=i + 1, total=total, loss=loss)
 
-                result = run_train(cfg, out, on_iter=on_iter)
+                result = run_train(cfg, out, on_iter=on_iter, caches=_caches())
         else:
 
             def log_iter(i: int, total: int, loss: float) -> None:
                 if i % 50 == 0 or i + 1 == total:
                     console.print(f"train {i + 1}/{total}  loss {loss:.3f}")
 
-            result = run_train(cfg, out, on_iter=log_iter)
+            result = run_train(cfg, out, on_iter=log_iter, caches=_caches())
     except (FlowCompressError, ValidationError) as exc:
         raise _fail(exc) from exc
     typer.echo(
@@ -135,17 +277,28 @@ def train(
 
 @app.command()
 def compress(
-    model: Annotated[str, typer.Option(help="Registered architecture name.")],
+    model: Annotated[
+        str, typer.Option(help="Model: resnet18, timm:NAME, torchvision:NAME, hf-hub:ORG/NAME.")
+    ],
     dataset: Annotated[str, typer.Option(help="Dataset reference.")],
     out: Annotated[Path, typer.Option(help="Output folder (must be empty or absent).")],
     weights: Annotated[
-        Path | None, typer.Option(help="safetensors or weights-only state dict.")
+        Path | None,
+        typer.Option(
+            help="safetensors, weights-only state dict (pytorch_model.bin, training "
+            "checkpoints) or a folder holding model.safetensors / pytorch_model.bin."
+        ),
     ] = None,
+    pretrained: Annotated[
+        bool, typer.Option(help="Start from published weights in the local caches.")
+    ] = False,
     target_macs: Annotated[float, typer.Option(help="Fraction of base MACs to keep.")] = 0.3,
     max_drop: Annotated[float, typer.Option(help="Accuracy budget, top-1 points.")] = 1.5,
     steps: Annotated[int | None, typer.Option(help="Stage-1 steps K.")] = None,
     schedule: Annotated[str | None, typer.Option(help="decay or paper.")] = None,
-    criterion: Annotated[str | None, typer.Option(help="divergence, l1, taylor, random.")] = None,
+    criterion: Annotated[
+        str | None, typer.Option(help="A registered criterion (see `flow-compress criteria`).")
+    ] = None,
     iters_per_step: Annotated[
         int | None, typer.Option(help="Recovery steps per prune step.")
     ] = None,
@@ -177,6 +330,30 @@ def compress(
         float | None,
         typer.Option(help="Top-1 agreement (%) a quantized model needs with the FP32 one."),
     ] = None,
+    on_target_missed: Annotated[
+        str | None,
+        typer.Option(
+            help="publish (default): publish the best model reached; fail: exit with "
+            "budget_exceeded when the MACs target is not met within the accuracy budget."
+        ),
+    ] = None,
+    guarantee_delta_max: Annotated[
+        float | None, typer.Option(help="Output-bound tolerance Δmax (default 0.25).")
+    ] = None,
+    enforce_guarantee: Annotated[
+        bool, typer.Option(help="Fail (guarantee_exceeded) when the output bound is exceeded.")
+    ] = False,
+    normalization: Annotated[
+        str | None,
+        typer.Option(
+            help="default or pretrained (the architecture's published mean/std/resize); "
+            "explicit values go in --config as data.custom_normalization."
+        ),
+    ] = None,
+    embed_preprocessing: Annotated[
+        bool,
+        typer.Option(help="Also publish model.raw.onnx, taking uint8 NHWC images."),
+    ] = False,
     input_size: Annotated[int | None, typer.Option()] = None,
     in_chans: Annotated[int, typer.Option()] = 3,
     num_classes: Annotated[int | None, typer.Option()] = None,
@@ -195,7 +372,7 @@ def compress(
     """Compress a model to a MACs target within an accuracy budget; writes every artifact."""
     from rich.console import Console
 
-    from flow_compress.config import CompressionConfig
+    from flow_compress.config import CompressionConfig, set_dotted
     from flow_compress.pipeline import compress as run_compress
 
     raw: dict[str, Any] = json.loads(config.read_text()) if config else {}
@@ -224,19 +401,29 @@ def compress(
         "quantize.modes": _split_list(quantize),
         "quantize.calibration_samples": calibration_samples,
         "quantize.min_agreement": min_agreement,
+        "on_target_missed": on_target_missed,
+        "guarantee.delta_max": guarantee_delta_max,
+        "data.normalization": normalization,
     }.items():
         if value is not None:
-            _set_path(raw, key, value)
+            set_dotted(raw, key, value)
     if not stage2:
-        _set_path(raw, "truncate.enabled", False)
+        set_dotted(raw, "truncate.enabled", False)
+    if enforce_guarantee:
+        set_dotted(raw, "guarantee.enforce", True)
+    if embed_preprocessing:
+        set_dotted(raw, "export.embed_preprocessing", True)
+    if pretrained:
+        raw["pretrained"] = True
     console = Console(stderr=True)
     try:
         cfg = CompressionConfig.model_validate(raw)
-        run = functools.partial(run_compress, checkpoint_dir=checkpoint_dir)
+        run = functools.partial(run_compress, checkpoint_dir=checkpoint_dir, caches=_caches())
         report = _run_with_progress(console, run, cfg, weights, out, overwrite)
     except (FlowCompressError, ValidationError) as exc:
         raise _fail(exc) from exc
     speed = f"{report.speedup:.2f}× ({report.speedup_runtime})" if report.speedup else "n/a"
+    typer.echo(_verdicts(report))
     typer.echo(
         f"top-1 {report.base.top1:.2f} → {report.pruned.top1:.2f} (drop {report.top1_drop:.2f})  "
         f"GMACs {report.base.macs / 1e9:.4f} → {report.pruned.macs / 1e9:.4f} "
@@ -249,6 +436,25 @@ def compress(
             f"{q.file}: top-1 {q.top1:.2f}  agreement {q.agreement:.2f} %  "
             f"{q.size_bytes / 1e6:.2f} MB  {timing}".rstrip()
         )
+
+
+def _verdicts(report: CompressionReport) -> str:
+    """The run's verdicts in one line: MACs target and output bound."""
+    target = f"{report.config.target_macs:.1%} of the base MACs"
+    if report.target_met is None:  # a report of schema version 1
+        parts = [f"target {target}: not judged"]
+    elif report.target_met:
+        parts = [f"target met: {report.macs_ratio:.1%} <= {target}"]
+    else:
+        parts = [
+            f"target MISSED: {report.macs_ratio:.1%} > {target} within the accuracy budget "
+            "(published anyway: on_target_missed=publish)"
+        ]
+    g = report.guarantee
+    if g is not None and g.holds is not None:
+        state = "holds" if g.holds else "EXCEEDED"
+        parts.append(f"output bound {state}: p99 {g.delta_p99:.4g} vs Δmax {g.delta_max:g}")
+    return "  ".join(parts)
 
 
 def _describe(ev: ProgressEvent) -> str:

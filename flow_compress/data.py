@@ -6,7 +6,9 @@ Contract:
   validation images. Calibration, the accuracy budget and all selections use it.
 - The test split is read only for the final report.
 - Datasets yield ``uint8`` CHW tensors; resizing to the model's input size, grey→RGB (or
-  RGB→grey), augmentation and normalisation happen per batch in ``BatchTransform``.
+  RGB→grey), augmentation and normalisation happen per batch in ``BatchTransform``, which is
+  built from the splits' ``InputContract`` (``flow_compress.contract``): the preprocessing
+  every artifact states is, by construction, the one the model was fed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from flow_compress.config import DataConfig
-from flow_compress.errors import DatasetNotFoundError, InvalidDatasetError
+from flow_compress.contract import (
+    InputContract,
+    Normalization,
+    NormalizationSource,
+    build_contract,
+)
+from flow_compress.errors import DatasetNotFoundError, InvalidConfigError, InvalidDatasetError
 from flow_compress.refs import (
     DEFAULT_TORCHVISION_ROOT,
     FASHION_MNIST_ROOT,
@@ -32,8 +40,19 @@ from flow_compress.refs import (
 )
 
 SPLIT_SEED = 20251125
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,12 +86,41 @@ class DataSplits:
     input_size: int
     hflip: bool
     config: DataConfig
+    contract: InputContract
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}  # type: ignore[arg-type]
 
     def transform(self, augment: bool) -> BatchTransform:
-        return BatchTransform(self.input_size, self.in_chans, augment=augment, hflip=self.hflip)
+        return BatchTransform(self.contract, augment=augment, hflip=self.hflip)
+
+    def _uint8_batches(
+        self, split: str, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Generator]]:
+        """The split's uint8 images as stored, in batches (with the generator that shuffled
+        them, for the augmentation to continue drawing from)."""
+        dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
+        gen = torch.Generator().manual_seed(seed)
+        fast = _as_tensor_images(dataset)
+        if fast is not None:
+            images, labels = fast
+            n = len(images)
+            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            stop = n - n % batch_size if drop_last and n >= batch_size else n
+            for s in range(0, stop, batch_size):
+                idx = order[s : s + batch_size]
+                yield images[idx], labels[idx], gen
+            return
+        dl = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=gen,
+            num_workers=self.config.num_workers,
+            drop_last=drop_last,
+        )
+        for x, y in dl:
+            yield x, y, gen
 
     def loader(
         self,
@@ -85,28 +133,10 @@ class DataSplits:
         drop_last: bool = False,
     ) -> Iterator[Batch]:
         """One pass over a split, yielding normalised float batches (on CPU)."""
-        dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
         tf = self.transform(augment and self.config.augment)
-        gen = torch.Generator().manual_seed(seed)
-        fast = _as_tensor_images(dataset)
-        if fast is not None:
-            images, labels = fast
-            n = len(images)
-            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-            stop = n - n % batch_size if drop_last and n >= batch_size else n
-            for s in range(0, stop, batch_size):
-                idx = order[s : s + batch_size]
-                yield tf(images[idx], gen), labels[idx]
-            return
-        dl = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=gen,
-            num_workers=self.config.num_workers,
-            drop_last=drop_last,
-        )
-        for x, y in dl:
+        for x, y, gen in self._uint8_batches(
+            split, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
+        ):
             yield tf(x, gen), y
 
     def forever(self, batch_size: int, *, seed: int = 0, augment: bool = True) -> Iterator[Batch]:
@@ -148,6 +178,29 @@ class DataSplits:
                 break
         return torch.cat(xs)[:n]
 
+    def raw_samples(self, n: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` images of a split as a deployment receives them after its resize
+        (and crop): uint8, N × H × W × C at the contract's input size, with their labels.
+        ``BatchTransform.normalise_raw`` of them is what the model is fed."""
+        tf = self.transform(augment=False)
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        got = 0
+        for x, y, _ in self._uint8_batches(
+            split, min(n, 256), shuffle=False, seed=0, drop_last=False
+        ):
+            xs.append(to_uint8_nhwc(tf.geometry(x)))
+            ys.append(y)
+            got += len(x)
+            if got >= n:
+                break
+        return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (N × C × H × W) as rounded uint8 N × H × W × C."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
 
 def _as_tensor_images(ds: object) -> tuple[torch.Tensor, torch.Tensor] | None:
     if isinstance(ds, TensorImages):
@@ -161,38 +214,66 @@ def _as_tensor_images(ds: object) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 class BatchTransform:
-    """uint8 batch → float batch at ``input_size`` with ``in_chans`` channels, normalised."""
+    """uint8 batch → float batch prepared as ``contract`` says (channels, resize, crop,
+    normalisation), with the training augmentation in between when ``augment``."""
 
-    def __init__(self, input_size: int, in_chans: int, *, augment: bool, hflip: bool) -> None:
-        self.input_size = input_size
-        self.in_chans = in_chans
+    def __init__(self, contract: InputContract, *, augment: bool, hflip: bool) -> None:
+        self.contract = contract
+        self.input_size = contract.height
+        self.in_chans = contract.channels
         self.augment = augment
         self.hflip = hflip
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = x.float().div_(255.0)
-        c = x.shape[1]
-        if c != self.in_chans:
-            if c == 1:
-                x = x.expand(-1, self.in_chans, -1, -1)
-            elif self.in_chans == 1:
-                x = x[:, :3].mean(dim=1, keepdim=True)
-            else:
-                raise InvalidDatasetError(f"cannot map {c} image channels to {self.in_chans}")
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            down = x.shape[-1] > self.input_size
-            x = F.interpolate(
-                x,
-                size=(self.input_size, self.input_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=down,
-            )
+        x = self.geometry(x)
         if self.augment:
             x = self._augment(x, gen)
-        mean = torch.tensor(MEAN if self.in_chans == 3 else [0.5] * self.in_chans)
-        std = torch.tensor(STD if self.in_chans == 3 else [0.25] * self.in_chans)
-        return ((x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).contiguous()
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] at the input size (N × C × H × W) → the model's input."""
+        mean = torch.tensor(self.contract.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.contract.std).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def normalise_raw(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N × H × W × C images already at the input size (``DataSplits.raw_samples``)
+        → the model's input, as ``model.raw.onnx`` computes it in its graph."""
+        x = images.permute(0, 3, 1, 2).float().div(self.contract.pixel_divisor)
+        return self.normalise(x)
+
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images → float images in [0, 1] with the contract's channels, resized and
+        cropped to the input size (not normalised)."""
+        c = self.contract
+        x = x.float().div_(c.pixel_divisor)
+        channels = x.shape[1]
+        if channels != c.channels:
+            if channels == 1:
+                x = x.expand(-1, c.channels, -1, -1)
+            elif c.channels == 1:
+                x = x[:, :3].mean(dim=1, keepdim=True)
+            else:
+                raise InvalidDatasetError(f"cannot map {channels} image channels to {c.channels}")
+        size = c.resize.size
+        if tuple(x.shape[-2:]) != size:
+            mode = c.resize.interpolation
+            down = x.shape[-1] > size[1] or x.shape[-2] > size[0]
+            x = F.interpolate(
+                x,
+                size=size,
+                mode=mode,
+                align_corners=None if mode == "nearest" else c.resize.align_corners,
+                antialias=down and mode != "nearest" and c.resize.antialias,
+            )
+            # Bicubic overshoots; a deployment resizing uint8 images clips the same way.
+            x = x.clamp_(*c.value_range)
+        if c.crop is not None:
+            h, w = c.crop
+            top = round((size[0] - h) / 2)
+            left = round((size[1] - w) / 2)
+            x = x[:, :, top : top + h, left : left + w]
+        return x
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         # Random crop with zero padding of 1/8 of the side, and horizontal flips where the
@@ -221,21 +302,51 @@ def load_dataset(
     input_size: int,
     in_chans: int = 3,
     config: DataConfig | None = None,
+    normalization: Normalization | None = None,
 ) -> DataSplits:
-    """Resolve a reference into splits. Missing data → DatasetNotFoundError (with the fix)."""
+    """Resolve a reference into splits. Missing data → DatasetNotFoundError (with the fix).
+
+    The splits' ``contract`` (``flow_compress.contract.build_contract``) uses
+    ``normalization`` when given (an architecture's published preprocessing, resolved by the
+    caller: ``flow_compress.models.pretrained_normalization``; its source is then
+    ``pretrained``), else ``config.custom_normalization`` (source ``config``), else the
+    default. ``config.normalization == "pretrained"`` without ``normalization`` is an
+    ``InvalidConfigError``: only the caller knows the architecture.
+    """
     config = config or DataConfig()
+    source: NormalizationSource = "default"
+    if normalization is not None:
+        source = "pretrained"
+    elif config.custom_normalization is not None:
+        normalization, source = config.custom_normalization, "config"
+    elif config.normalization == "pretrained":
+        raise InvalidConfigError(
+            "data.normalization=pretrained: the caller must resolve the architecture's "
+            "preprocessing (flow_compress.models.pretrained_normalization) and pass it"
+        )
     parsed = ref if isinstance(ref, DatasetRef) else parse_dataset_ref(ref)
+    try:
+        contract = build_contract(input_size, in_chans, normalization, source=source)
+    except ValueError as exc:
+        raise InvalidConfigError(f"normalisation: {exc}") from exc
+    stored = contract.resize.size[0]
+    interp = contract.resize.interpolation
     hflip = True
     if parsed.name == "fashion-mnist":
         train_full, test, num_classes = _fashion_mnist(Path(parsed.root or FASHION_MNIST_ROOT))
+        names: tuple[str, ...] | None = FASHION_MNIST_CLASSES
     elif parsed.name == "digits":
         train_full, test, num_classes = _digits()
+        names = DIGITS_CLASSES
         hflip = False
     elif parsed.name == "imagefolder":
-        train_full, test, num_classes = _imagefolder(Path(str(parsed.root)), input_size)
+        train_full, test, num_classes = _imagefolder(Path(str(parsed.root)), stored, interp)
+        names = _class_names(train_full, num_classes)
     else:
         root = Path(parsed.root or DEFAULT_TORCHVISION_ROOT).expanduser()
-        train_full, test, num_classes = _torchvision(parsed.name, root, input_size, config)
+        train_full, test, num_classes = _torchvision(parsed.name, root, stored, interp, config)
+        names = _class_names(train_full, num_classes)
+    contract = contract.model_copy(update={"class_names": names})
     train, val = split_train_val(train_full, config.val_fraction)
     if config.max_train_samples is not None:
         train = Subset(train, range(min(config.max_train_samples, len(train))))
@@ -243,7 +354,20 @@ def load_dataset(
         val = Subset(val, range(min(config.max_eval_samples, len(val))))
         test = Subset(test, range(min(config.max_eval_samples, len(test))))  # type: ignore[arg-type]
     train, val, test = (_materialise(d) for d in (train, val, test))
-    return DataSplits(parsed, train, val, test, num_classes, in_chans, input_size, hflip, config)
+    return DataSplits(
+        parsed, train, val, test, num_classes, in_chans, input_size, hflip, config, contract
+    )
+
+
+def _class_names(ds: object, num_classes: int) -> tuple[str, ...] | None:
+    """The dataset's class names (ImageFolder folders, torchvision ``classes``) when it has
+    one per class."""
+    classes = getattr(ds, "classes", None)
+    if classes is None and isinstance(ds, Subset):
+        classes = getattr(ds.dataset, "classes", None)
+    if classes and len(classes) == num_classes and all(isinstance(c, str) for c in classes):
+        return tuple(classes)
+    return None
 
 
 def _materialise(ds: Dataset[tuple[torch.Tensor, int]]) -> Dataset[tuple[torch.Tensor, int]]:
@@ -331,25 +455,29 @@ def _digits() -> tuple[TensorImages, TensorImages, int]:
 
 
 class _PilToUint8:
-    """PIL image → uint8 CHW at a fixed square size (so images of any size can be batched)."""
+    """PIL image → uint8 CHW at a fixed square size (so images of any size can be batched):
+    the contract's resize, done by PIL on the stored image."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, interpolation: str = "bilinear") -> None:
         self.size = size
+        self.interpolation = interpolation
 
     def __call__(self, img: object) -> torch.Tensor:
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        img = TF.resize(img, [self.size, self.size], antialias=True)  # type: ignore[arg-type]
+        mode = InterpolationMode(self.interpolation)
+        img = TF.resize(img, [self.size, self.size], interpolation=mode, antialias=True)  # type: ignore[arg-type]
         t = TF.pil_to_tensor(img)  # type: ignore[arg-type]
         return t[:3] if t.shape[0] == 4 else t
 
 
-def _imagefolder(root: Path, input_size: int) -> tuple[Dataset, Dataset, int]:  # type: ignore[type-arg]
+def _imagefolder(root: Path, size: int, interpolation: str) -> tuple[Dataset, Dataset, int]:  # type: ignore[type-arg]
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist")
-    tf = _PilToUint8(input_size)
+    tf = _PilToUint8(size, interpolation)
     try:
         if (root / "train").is_dir():
             train = ImageFolder(str(root / "train"), transform=tf)
@@ -384,12 +512,12 @@ def _holdout(ds: Dataset) -> tuple[Subset, Subset]:  # type: ignore[type-arg]
 
 
 def _torchvision(
-    name: str, root: Path, input_size: int, config: DataConfig
+    name: str, root: Path, size: int, interpolation: str, config: DataConfig
 ) -> tuple[Dataset, Dataset, int]:  # type: ignore[type-arg]
     """torchvision datasets with their official train/test splits (download is opt-in)."""
     import torchvision.datasets as tvd
 
-    tf = _PilToUint8(input_size)
+    tf = _PilToUint8(size, interpolation)
     dl = config.download
     builders = {
         "cifar10": lambda s: tvd.CIFAR10(str(root), train=s == "train", transform=tf, download=dl),
@@ -429,10 +557,13 @@ def _labels(ds: Sequence[tuple[object, int]]) -> list[int]:
 
 
 __all__ = [
+    "DIGITS_CLASSES",
+    "FASHION_MNIST_CLASSES",
     "SPLIT_SEED",
     "BatchTransform",
     "DataSplits",
     "TensorImages",
     "load_dataset",
     "split_train_val",
+    "to_uint8_nhwc",
 ]

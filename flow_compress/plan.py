@@ -9,6 +9,7 @@ and loading ``weights.safetensors`` reproduces the pruned model exactly.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from flow_compress.blocks import make_replacement
+from flow_compress.arch.blocks import make_replacement
+from flow_compress.arch.surgery import replace_module
 from flow_compress.errors import InvalidConfigError
-from flow_compress.models import build_model, load_weights, replace_module
-from flow_compress.tp_adapter import replay_prune
+from flow_compress.graph import replay_prune
+from flow_compress.models import build_model, load_weights
 
 
 class Plan(BaseModel):
@@ -35,8 +37,14 @@ class Plan(BaseModel):
 
 def apply_plan(model: nn.Module, plan: Plan, example: torch.Tensor) -> nn.Module:
     """Apply ``plan.ops`` in order to ``model`` (in place), returning it."""
+    return apply_ops(model, plan.ops, example)
+
+
+def apply_ops(model: nn.Module, ops: Sequence[dict[str, Any]], example: torch.Tensor) -> nn.Module:
+    """Apply plan operations in order to ``model`` (in place), traced on ``example``; returns
+    it. Unknown operations raise ``InvalidConfigError``."""
     pending: list[dict[str, Any]] = []
-    for op in plan.ops:
+    for op in ops:
         kind = op.get("op")
         if kind == "prune":
             pending.append(op)
@@ -65,3 +73,6 @@ def rebuild(plan: Plan, weights: str | Path | None = None) -> nn.Module:
 
 def read_plan(path: str | Path) -> Plan:
     return Plan.model_validate(json.loads(Path(path).read_text()))
+
+
+__all__ = ["Plan", "apply_ops", "apply_plan", "read_plan", "rebuild"]

@@ -8,13 +8,27 @@ FLOPs = 2 x MACs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flow_compress.config import CompressionConfig
+from flow_compress.contract import InputContract
 
-Stage = Literal["Baseline", "Filter Prune", "Layer Trunc", "Final Fine-Tune"]
+
+class Stage(str, Enum):
+    """The stages of a run, in order (``str`` values: they compare equal to, and serialise as,
+    their text). Step records belong to the first four; ``EXPORT`` (evaluation, export,
+    timing, publication) appears in progress events only."""
+
+    BASELINE = "Baseline"
+    FILTER_PRUNE = "Filter Prune"
+    LAYER_TRUNC = "Layer Trunc"
+    FINAL_FINE_TUNE = "Final Fine-Tune"
+    EXPORT = "Export"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class _Model(BaseModel):
@@ -45,6 +59,13 @@ class StepRecord(_Model):
     accepted: bool = True
     detail: str = ""
 
+    @field_validator("stage")
+    @classmethod
+    def _a_step_stage(cls, stage: Stage) -> Stage:
+        if stage is Stage.EXPORT:
+            raise ValueError("the Export stage records no steps")
+        return stage
+
 
 class LatencyRecord(_Model):
     runtime: str
@@ -57,10 +78,15 @@ class LatencyRecord(_Model):
 
 
 class ParityRecord(_Model):
+    """``tolerance``: the difference that was accepted (``export.parity_atol`` plus
+    ``export.parity_rtol`` times the largest eager logit); None in reports written before
+    it was recorded."""
+
     format: str
     max_abs_diff: float
     samples: int
     passed: bool
+    tolerance: float | None = None
 
 
 class QuantizedArtifact(_Model):
@@ -110,20 +136,48 @@ class CombinationRow(_Model):
 
 
 class Guarantee(_Model):
-    """The paper's bound ||N0(x) - N*(x)||^2 <= dmax ||N0(x)||^2, checked on validation data."""
+    """The paper's bound ||N0(x) - N*(x)||^2 <= dmax ||N0(x)||^2, checked on validation data:
+    the bound holds when the 99th percentile of the relative squared error is at most the
+    configured tolerance ``delta_max`` (``guarantee.delta_max``)."""
 
     delta_p99: float = Field(..., description="99th percentile of the relative squared error.")
-    delta_max: float
+    delta_max: float = Field(..., description="Δmax, the tolerance the p99 is checked against.")
+    holds: bool | None = Field(
+        None,
+        description="delta_p99 <= delta_max. None only in reports of schema version 1, whose "
+        "delta_max was the largest error seen rather than a tolerance.",
+    )
+
+    @model_validator(mode="after")
+    def _verdict_follows_the_numbers(self) -> Guarantee:
+        if self.holds is not None and self.holds != (self.delta_p99 <= self.delta_max):
+            raise ValueError(
+                f"holds={self.holds} contradicts delta_p99={self.delta_p99} against "
+                f"delta_max={self.delta_max}"
+            )
+        return self
 
 
 class CompressionReport(_Model):
-    schema_version: int = 1
+    """Everything one compression measured and decided.
+
+    Schema version 2 added the verdicts ``target_met`` and ``guarantee.holds`` and the pruned
+    weights' digest; reports of version 1 load with those fields None. Version 3 added
+    ``input_contract`` (None in older reports).
+    """
+
+    schema_version: int = 3
     model: str
     dataset: str
     config: CompressionConfig
     base: ModelMetrics
     pruned: ModelMetrics
     macs_ratio: float = Field(..., description="Pruned MACs / base MACs.")
+    target_met: bool | None = Field(
+        None,
+        description="Whether macs_ratio reached config.target_macs (within the 1 % stage 1 "
+        "stops at). None only in reports of schema version 1.",
+    )
     params_ratio: float
     top1_drop: float = Field(..., description="Base minus pruned test top-1, points.")
     speedup: float | None = Field(None, description="Headline speed-up, see speedup_runtime.")
@@ -145,7 +199,19 @@ class CompressionReport(_Model):
     timings_s: dict[str, float] = Field(default_factory=dict)
     environment: dict[str, str] = Field(default_factory=dict)
     splits: dict[str, int] = Field(default_factory=dict)
-    weights_sha256: str | None = None
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the input weights file (None: random initialisation)."
+    )
+    pruned_weights_sha256: str | None = Field(
+        None,
+        description="sha256 of the published weights.safetensors (as in manifest.json). None "
+        "only in reports of schema version 1.",
+    )
+    input_contract: InputContract | None = Field(
+        None,
+        description="How an image is prepared for the exported models (the same contract as "
+        "preprocessing.json and the models' metadata). None only in reports before version 3.",
+    )
     notes: list[str] = Field(default_factory=list)
 
 
@@ -153,7 +219,7 @@ class CompressionReport(_Model):
 class ProgressEvent:
     """Emitted at every step boundary; ``percent`` rises monotonically from 0 to 100."""
 
-    stage: str
+    stage: Stage
     step: int
     total_steps: int
     percent: float

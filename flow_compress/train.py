@@ -10,14 +10,20 @@ from pathlib import Path
 
 from torch import nn
 
+from flow_compress.artifacts import atomic_write_text
 from flow_compress.config import TrainConfig
 from flow_compress.data import DataSplits, load_dataset
 from flow_compress.device import resolve_device, seed_everything
-from flow_compress.evaluate import evaluate
-from flow_compress.models import build_model, save_weights
+from flow_compress.measure.evaluate import evaluate
+from flow_compress.models import (
+    WeightCaches,
+    build_model,
+    resolve_model,
+    resolve_normalization,
+    save_weights,
+)
 from flow_compress.recovery import LoopSettings, fit
 from flow_compress.refs import known_num_classes, parse_dataset_ref
-from flow_compress.registry import get_architecture
 
 
 @dataclass
@@ -36,18 +42,26 @@ def train(
     out_dir: Path | None = None,
     *,
     on_iter: Callable[[int, int, float], None] | None = None,
+    caches: WeightCaches | None = None,
 ) -> TrainResult:
     """Train ``config.model`` from scratch (or pretrained) with cross-entropy.
 
     Writes ``weights.safetensors`` and ``train.json`` (config, accuracies, time) to ``out_dir``
     when given. ``on_iter(i, total, loss)`` is called after every optimisation step.
+    ``pretrained`` weights are read from ``caches`` (nothing is downloaded).
     """
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    spec = get_architecture(config.model)
+    spec = resolve_model(config.model, caches=caches).spec
     size = config.input_size or spec.default_input_size
     ref = parse_dataset_ref(config.dataset)
-    data = load_dataset(ref, input_size=size, in_chans=config.in_chans, config=config.data)
+    data = load_dataset(
+        ref,
+        input_size=size,
+        in_chans=config.in_chans,
+        config=config.data,
+        normalization=resolve_normalization(spec, config.data),
+    )
     num_classes = config.num_classes or known_num_classes(ref) or data.num_classes
     model = build_model(
         config.model,
@@ -55,6 +69,7 @@ def train(
         in_chans=config.in_chans,
         input_size=size,
         pretrained=config.pretrained,
+        caches=caches,
     ).to(device)
     per_epoch = max(1, len(data.train) // config.batch_size)  # type: ignore[arg-type]
     iters = max(1, round(config.epochs * per_epoch))
@@ -86,6 +101,7 @@ def train(
             "config": config.model_dump(mode="json"),
             "num_classes": num_classes,
             "input_size": size,
+            "input_contract": data.contract.model_dump(mode="json"),
             "val_top1": val1,
             "test_top1": test1,
             "test_top5": test5,
@@ -93,5 +109,5 @@ def train(
             "seconds": round(seconds, 1),
             "device": str(device),
         }
-        (out_dir / "train.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out_dir / "train.json", json.dumps(summary, indent=2))
     return result

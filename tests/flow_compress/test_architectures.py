@@ -1,10 +1,12 @@
-"""Every architecture family of the paper prunes, truncates, exports and replays.
+"""Every registered architecture family prunes, truncates, exports and replays.
 
-Small variants at 32 px on real data (scikit-learn digits, upscaled, RGB), random weights:
-the invariants hold for any weights. One run per family: stage 1 at a 50 % MACs target, one
-stage-2 removal, ONNX Runtime and TorchScript parity, and plan replay. Family-specific tests
-check the units each family prunes (heads, growth channels, shuffle-safe widths, ...), and a
-slow test builds every paper variant at 224 px and runs one pruning step on it.
+The tests loop over the family registry (``flow_compress.arch.families()``), so a new family
+is tested without editing this file: its ``small`` variant at 32 px on real data
+(scikit-learn digits, upscaled, RGB), random weights — the invariants hold for any weights:
+stage 1 at a 50 % MACs target, one stage-2 removal (as the family's ``stage2`` promises),
+ONNX Runtime and TorchScript parity, and plan replay; its ``paper`` variant is built at
+224 px and pruned one step in a slow test. Family-specific tests check the units each paper
+family prunes (heads, growth channels, shuffle-safe widths, ...).
 """
 
 from __future__ import annotations
@@ -17,49 +19,31 @@ import torch
 import torchvision
 from torch import nn
 
-from flow_compress.attention import PrunedMultiheadAttention
-from flow_compress.blocks import find_candidates
+from flow_compress.arch import families, get_architecture, get_family
+from flow_compress.arch.attention import PrunedMultiheadAttention
+from flow_compress.arch.blocks import find_candidates
+from flow_compress.arch.surgery import classifier_path
 from flow_compress.config import DataConfig, ExportConfig
 from flow_compress.data import DataSplits, load_dataset
 from flow_compress.errors import UnsupportedModelError
-from flow_compress.export import export_model
-from flow_compress.models import build_model, classifier_path
+from flow_compress.export.parity import export_model
+from flow_compress.graph import PruningGraph, count_macs_params, replay_prune
+from flow_compress.models import build_model
 from flow_compress.pipeline import make_context, run_pipeline
+from flow_compress.pipeline.stage1 import FilterPruner
+from flow_compress.pipeline.stage2 import run_stage2
 from flow_compress.plan import Plan, apply_plan
-from flow_compress.registry import get_architecture
-from flow_compress.stage1 import FilterPruner
-from flow_compress.stage2 import run_stage2
-from flow_compress.tp_adapter import PruningGraph, count_macs_params, replay_prune
 
 from .conftest import small_config
 
 SIZE = 32
 
-# family → small registered variant exercised on every run
-SMALL = {
-    "resnet": "resnet18",
-    "efficientnet": "efficientnet_b0",
-    "vit": "vit_tiny_patch16_224",
-    "mobilenet": "mobilenet_v3_small",
-    "densenet": "densenet121",
-    "convnext": "convnext_tiny",
-    "vgg": "vgg11_bn",
-    "shufflenet": "shufflenet_v2_x0_5",
-}
-# the paper's exact variants (built at 224 px in the slow test)
-PAPER = {
-    "resnet": "resnet50",
-    "efficientnet": "efficientnet_b4",
-    "vit": "vit_b_16",
-    "mobilenet": "mobilenet_v3_large",
-    "densenet": "densenet121",
-    "convnext": "convnext_small",
-    "vgg": "vgg19_bn",
-    "shufflenet": "shufflenet_v2_x2_0",
-}
-# families whose stage 2 has no candidate after stage 1 (see flow_compress.blocks): DenseNet
-# never has one; VGG's equal widths rarely survive filter pruning, so it is checked unpruned.
-NO_TRUNC_AFTER_PRUNE = {"densenet", "vgg"}
+FAMILIES = sorted(f.name for f in families())
+PAPER_VARIANTS = sorted(f.paper for f in families() if f.paper is not None)
+
+
+def small(family: str) -> str:
+    return get_family(family).small
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +79,7 @@ def _config(name: str, **over: object):  # type: ignore[no-untyped-def]
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name, 10, in_chans=3, input_size=SIZE).eval()
-    if name.startswith("vgg"):
+    if isinstance(model, torchvision.models.VGG):
         # Keep the test fast: the classifier's two hidden layers shrink from 4096 to 64
         # neurons (same modules, same 512×7×7 flatten coupling); the conv stack is vgg's.
         cls = model.classifier
@@ -121,12 +105,18 @@ def _assert_exports(model: nn.Module, x: torch.Tensor, folder: Path) -> None:
     assert all(r.passed for r in records)
 
 
-@pytest.mark.parametrize("family", sorted(SMALL))
+def test_every_architecture_belongs_to_its_family() -> None:
+    for family in families():
+        assert family.architectures, family.name
+        for spec in family.architectures:
+            assert get_architecture(spec.name) is spec and spec.family == family.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_compresses_exports_and_replays(
     family: str, digits32: DataSplits, tmp_path: Path
 ) -> None:
-    name = SMALL[family]
-    assert get_architecture(name).family == family
+    name = small(family)
     model = _build(name)
     result = run_pipeline(model, digits32, _config(name))
     ctx, pruned = result.context, result.model
@@ -135,21 +125,29 @@ def test_family_compresses_exports_and_replays(
     stages = [s.stage for s in ctx.steps]
     assert "Filter Prune" in stages
     assert ctx.steps[stages.index("Filter Prune")].macs <= 0.5 * ctx.base_macs * 1.05
-    replaced = [op for op in result.plan.ops if op["op"] == "replace"]
-    if family in NO_TRUNC_AFTER_PRUNE:
-        if family == "densenet":
-            assert find_candidates(pruned, ctx.example, allow_projection=True) == []
-    else:
+    replaced = [op for op in result.ops if op["op"] == "replace"]
+    stage2 = get_family(family).stage2
+    if stage2 == "never":
+        assert find_candidates(model, ctx.example, allow_projection=True) == []
+        assert find_candidates(pruned, ctx.example, allow_projection=True) == []
+    elif stage2 == "always":
         assert "Layer Trunc" in stages and replaced
     x = digits32.sample_inputs(4)
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape == (4, 10)
     _assert_exports(pruned, x, tmp_path)
-    _assert_replays(name, result.plan.ops, pruned, x)
+    _assert_replays(name, result.ops, pruned, x)
+
+
+@pytest.mark.parametrize("family", [f.name for f in families() if f.stage2 != "never"])
+def test_unpruned_model_has_stage2_candidates(family: str, digits32: DataSplits) -> None:
+    # Families promising stage-2 candidates have them at least before stage 1 changes widths.
+    model = _build(small(family))
+    assert find_candidates(model, digits32.sample_inputs(1), allow_projection=True)
 
 
 def test_vgg_truncates_an_equal_width_conv(digits32: DataSplits) -> None:
-    name = SMALL["vgg"]
+    name = "vgg11_bn"
     model = _build(name)
     cands = find_candidates(model, digits32.sample_inputs(1), allow_projection=True)
     # vgg11_bn: the second conv of the 256 block and every 512→512 conv have equal widths
@@ -194,7 +192,7 @@ def _prune_and_check(
 
 
 def test_shufflenet_prunes_inner_branch_widths_only(digits32: DataSplits) -> None:
-    name = SMALL["shufflenet"]
+    name = "shufflenet_v2_x0_5"
     model = _build(name)
     groups = _graph(model, digits32).groups()
     # one inner width per unit (branch2's 1×1 → depthwise → 1×1) plus the final 1×1 conv;
@@ -216,7 +214,7 @@ def test_shufflenet_prunes_inner_branch_widths_only(digits32: DataSplits) -> Non
 
 
 def test_densenet_prunes_growth_channels_through_concats(digits32: DataSplits) -> None:
-    name = SMALL["densenet"]
+    name = "densenet121"
     model = _build(name)
     graph = _graph(model, digits32)
     groups = {g.root_name: g for g in graph.groups()}
@@ -244,7 +242,7 @@ def test_densenet_prunes_growth_channels_through_concats(digits32: DataSplits) -
 def test_inverted_residuals_couple_depthwise_and_squeeze_excitation(
     digits32: DataSplits,
 ) -> None:
-    for name in (SMALL["mobilenet"], SMALL["efficientnet"]):
+    for name in ("mobilenet_v3_small", "efficientnet_b0"):
         model = _build(name)
         graph = _graph(model, digits32)
         groups = graph.groups()
@@ -266,7 +264,7 @@ def test_inverted_residuals_couple_depthwise_and_squeeze_excitation(
 def test_convnext_prunes_mlp_width_and_stage_width_with_layer_scale(
     digits32: DataSplits,
 ) -> None:
-    name = SMALL["convnext"]
+    name = "convnext_tiny"
     model = _build(name)
     graph = _graph(model, digits32)
     roots = {g.root_name for g in graph.groups()}
@@ -282,7 +280,7 @@ def test_convnext_prunes_mlp_width_and_stage_width_with_layer_scale(
 
 
 def test_vgg_flatten_couples_last_conv_to_classifier(digits32: DataSplits) -> None:
-    name = SMALL["vgg"]
+    name = "vgg11_bn"
     model = _build(name)
     graph = _graph(model, digits32)
     x = digits32.sample_inputs(2)
@@ -387,30 +385,43 @@ def test_unsupported_layers_are_refused_by_name(layer: nn.Module, named: str) ->
     assert err.value.code == "unsupported_model"
 
 
-def test_untraceable_block_is_an_unsupported_model_error(digits32: DataSplits) -> None:
-    # ShuffleNetV2 units of a type the family rules do not know are traced by torch-pruning,
-    # which fails on the channel shuffle: the error names the model's blocks.
+def test_unruled_shuffle_unit_is_found_from_structure(digits32: DataSplits) -> None:
+    # ShuffleNetV2 units of a type the family rules do not know (torch-pruning alone fails on
+    # their channel shuffle): the shuffle is found from the traced graph, the unit is left
+    # alone with that reason, and exactly the widths the hand-written rule prunes prune.
     from torchvision.models.shufflenetv2 import InvertedResidual
 
     class _CustomUnit(InvertedResidual):
         pass
 
-    model = _build(SMALL["shufflenet"])
+    ruled = _graph(_build("shufflenet_v2_x0_5"), digits32).groups()
+    model = _build("shufflenet_v2_x0_5")
     for m in model.modules():
         if type(m) is InvertedResidual:
             m.__class__ = _CustomUnit
-    with pytest.raises(UnsupportedModelError, match="_CustomUnit") as err:
-        _graph(model, digits32)
-    assert err.value.code == "unsupported_model"
+    graph = _graph(model, digits32)
+    groups = graph.groups()
+
+    def producers(gs: list) -> set[frozenset[str]]:  # type: ignore[type-arg]
+        return {frozenset(p.name for p in g.producers) for g in gs}
+
+    assert producers(groups) == producers(ruled)
+    left = {a.path: a.reason for a in graph.ignored}
+    assert "channel shuffle" in left["stage2.0"] and "channel shuffle" in left["stage4.3"]
+    x = digits32.sample_inputs(2)
+    g = next(g for g in groups if any(p.name == "stage3.1.branch2.0" for p in g.producers))
+    before = count_macs_params(model, x)
+    graph.prune(g, [0, 1])
+    graph.verify([g.root_name])
+    assert count_macs_params(model, x)[0] < before[0]
 
 
 # --------------------------------------------------------------------------- paper variants
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(PAPER))
-def test_paper_variant_full_size_one_pruning_step(family: str) -> None:
-    name = PAPER[family]
+@pytest.mark.parametrize("name", PAPER_VARIANTS)
+def test_paper_variant_full_size_one_pruning_step(name: str) -> None:
     data = load_dataset("digits", input_size=224, in_chans=3, config=DataConfig(max_eval_samples=4))
     torch.manual_seed(0)
     model = build_model(name, 10, in_chans=3, input_size=224).eval()

@@ -1,4 +1,4 @@
-"""Checkpoints and resume (flow_compress.checkpoint) on a real resnet18 and digits.
+"""Checkpoints and resume (flow_compress.pipeline.checkpoint) on a real resnet18 and digits.
 
 An interrupted run (cancelled right after its first accepted stage-1 step, as a crash would
 stop it) leaves a checkpoint; resuming from it must skip the finished steps and end exactly
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flow_compress.checkpoint import STATE_FILE, Checkpointer, fingerprint
 from flow_compress.config import CompressionConfig
 from flow_compress.data import DataSplits
 from flow_compress.errors import CancelledError
 from flow_compress.models import build_model
 from flow_compress.pipeline import CompressionResult, run_pipeline
+from flow_compress.pipeline.checkpoint import STATE_FILE, Checkpointer, fingerprint
 from flow_compress.plan import Plan, apply_plan
 from flow_compress.schema import ProgressEvent
 from tests.flow_compress.conftest import SIZE, small_config

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flow_compress import divergence
+from flow_compress.criteria import divergence
 
 
 def test_conv_channel_scores_follow_the_formula() -> None:

@@ -18,12 +18,10 @@ from torch import nn
 
 from flow_compress.config import ExportConfig
 from flow_compress.errors import ExportError, ExportParityError
-from flow_compress.export import (
-    check_parity,
-    export_model,
-    export_onnx,
-    export_torchscript,
-)
+from flow_compress.export import get_exporter, list_exporters
+from flow_compress.export.onnx import export_onnx
+from flow_compress.export.parity import check_parity, export_model
+from flow_compress.export.torchscript import export_torchscript
 from flow_compress.models import build_model
 
 SIZE = 32
@@ -125,6 +123,19 @@ def test_torchscript_reloads_and_matches_eager(
     x = inputs[:5]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), resnet(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", list_exporters())
+def test_every_registered_format_exports_and_matches_eager(
+    fmt: str, resnet: nn.Module, inputs: torch.Tensor, tmp_path: Path
+) -> None:
+    cfg = ExportConfig(formats=(fmt,), parity_samples=7)
+    (record,) = export_model(resnet, inputs, tmp_path, cfg)
+    assert (record.format, record.passed, record.samples) == (fmt, True, 7)
+    assert [p.name for p in tmp_path.iterdir()] == [get_exporter(fmt).file]
+    run = get_exporter(fmt).load(tmp_path / get_exporter(fmt).file)
+    with torch.no_grad():
+        torch.testing.assert_close(run(inputs[:3]), resnet(inputs[:3]), atol=1e-3, rtol=1e-3)
 
 
 def test_mobilenet_v3_onnx_parity_passes(tmp_path: Path, inputs: torch.Tensor) -> None:

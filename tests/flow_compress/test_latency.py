@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from pathlib import Path
 
@@ -11,13 +12,8 @@ from torch import nn
 
 from flow_compress.config import LatencyConfig
 from flow_compress.errors import InvalidConfigError
-from flow_compress.latency import (
-    compare_latency,
-    describe_device,
-    environment,
-    measure_latency,
-    prepare_engine,
-)
+from flow_compress.measure.environment import describe_device, environment
+from flow_compress.measure.latency import compare_latency, measure_latency, prepare_engine
 from flow_compress.models import build_model
 
 SHAPE = (3, 32, 32)
@@ -112,5 +108,6 @@ def test_describe_device_and_environment() -> None:
     ):
         assert env[key], key
     assert env["torch"] == torch.__version__
+    assert platform.release() not in str(env)  # the kernel version stays on the host
     assert env["torch_pruning"][0].isdigit()
     assert env["device"] == label

@@ -5,14 +5,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flow_compress.errors import BadCheckpointError, UnsupportedModelError
-from flow_compress.models import build_model, load_weights, read_state_dict, save_weights
-from flow_compress.registry import (
+from flow_compress.arch import (
     ArchSpec,
     get_architecture,
     list_architectures,
     register_architecture,
 )
+from flow_compress.errors import BadCheckpointError, UnsupportedModelError
+from flow_compress.models import build_model, load_weights, read_state_dict, save_weights
 
 REQUIRED = [
     "resnet18",
@@ -43,9 +43,17 @@ def test_unknown_architecture_lists_valid_names() -> None:
 
 
 def test_duplicate_registration_raises() -> None:
-    spec = get_architecture("resnet18")
     with pytest.raises(ValueError, match="already registered"):
-        register_architecture(ArchSpec("resnet18", "resnet", "torchvision", 224, spec.build))
+        register_architecture(ArchSpec("resnet18", "resnet", "torchvision", "resnet18"))
+    with pytest.raises(UnsupportedModelError, match="registered: convnext"):
+        register_architecture(ArchSpec("resnet9000", "nofamily", "torchvision", "resnet18"))
+
+
+def test_the_family_decides_how_a_model_is_built() -> None:
+    # timm's registered name differs from its builder's; the ViT family passes the input size
+    # (its position embeddings depend on it), the others get none.
+    assert get_architecture("timm_resnet50").builder == "resnet50"
+    assert build_model("vit_tiny_patch16_224", 10, input_size=32).patch_embed.img_size == (32, 32)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit_tiny_patch16_224"])

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from flow_compress.artifacts import sha256_file
 from flow_compress.cli import app
 from flow_compress.errors import CancelledError, InvalidConfigError
-from flow_compress.evaluate import evaluate
-from flow_compress.pipeline import compress, load_report
+from flow_compress.measure.evaluate import evaluate
+from flow_compress.pipeline import compress
 from flow_compress.plan import read_plan, rebuild
+from flow_compress.report import load_report
 
 from .conftest import SIZE, small_config
 
@@ -23,6 +24,7 @@ ARTIFACTS = {
     "model.onnx",
     "weights.safetensors",
     "plan.json",
+    "preprocessing.json",
     "report.json",
     "report.md",
     "macs.png",
@@ -67,6 +69,7 @@ def compressed(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory) 
     )
     assert result.exit_code == 0, result.output
     assert "GMACs" in result.output
+    (out.parent / "cli-output.txt").write_text(result.output)
     return out
 
 
@@ -105,12 +108,38 @@ def test_report_contents(compressed: Path) -> None:
     assert {p.format for p in report.parity} == {"torchscript", "onnx", "plan_replay"}
     assert all(p.passed for p in report.parity)
     assert report.guarantee is not None and report.guarantee.delta_p99 >= 0
+    assert report.guarantee.delta_max == 0.25, "the configured tolerance, not the largest error"
+    assert report.guarantee.holds == (report.guarantee.delta_p99 <= 0.25)
+    assert report.target_met == (report.macs_ratio <= 0.5 * 1.01)
     assert report.recovery_iterations["Filter Prune"] > 0
     activities = {"scoring", "surgery", "recovery", "evaluation", "export", "total"}
     assert activities <= set(report.timings_s)
     assert report.environment["torch"].startswith("2.14")
     md = (compressed / "report.md").read_text()
     assert "Filter Prune" in md and "GMACs" in md
+
+
+def test_report_names_the_input_and_the_pruned_weights(
+    compressed: Path, trained_weights: Path
+) -> None:
+    report = load_report(compressed / "report.json")
+    manifest = {
+        f["name"]: f for f in json.loads((compressed / "manifest.json").read_text())["files"]
+    }
+    assert report.weights_sha256 == sha256_file(trained_weights)
+    assert report.pruned_weights_sha256 == manifest["weights.safetensors"]["sha256"]
+    assert report.pruned_weights_sha256 != report.weights_sha256
+    md = (compressed / "report.md").read_text()
+    assert f"| Input weights sha256 | `{report.weights_sha256}` |" in md
+    assert f"(weights.safetensors) | `{report.pruned_weights_sha256}` |" in md
+
+
+def test_cli_prints_the_verdicts(compressed: Path) -> None:
+    report = load_report(compressed / "report.json")
+    output = (compressed.parent / "cli-output.txt").read_text()
+    assert ("target met" if report.target_met else "target MISSED") in output
+    assert report.guarantee is not None
+    assert ("output bound holds" if report.guarantee.holds else "EXCEEDED") in output
 
 
 def test_exported_models_reproduce_report_accuracy(compressed: Path) -> None:

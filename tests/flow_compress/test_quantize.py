@@ -19,22 +19,18 @@ from flow_compress.cli import app
 from flow_compress.config import CompressionConfig, QuantizeConfig
 from flow_compress.data import DataSplits
 from flow_compress.errors import QuantizationParityError
-from flow_compress.export import export_onnx
+from flow_compress.export import get_quantizer, list_quantizers
+from flow_compress.export.onnx import export_onnx, run_logits, session
+from flow_compress.export.quantize import build_quantized, classifier_nodes
 from flow_compress.models import build_model, save_weights
-from flow_compress.pipeline import compress, load_report
-from flow_compress.quantize import (
-    FILE_NAMES,
-    build_quantized,
-    classifier_nodes,
-    run_logits,
-    session,
-)
+from flow_compress.pipeline import compress
 from flow_compress.recovery import LoopSettings, fit
+from flow_compress.report import load_report
 from flow_compress.schema import CompressionReport
 
 from .conftest import SIZE, small_config
 
-MODES = ("int8_static", "int8_dynamic", "fp16")
+MODES = tuple(list_quantizers())  # every registered mode is built and checked
 TAPS = ("layer3", "layer4")
 
 
@@ -91,17 +87,18 @@ def test_every_variant_agrees_with_the_fp32_pruned_model(
     x, _ = _test_batch(digits)
     reference = run_logits(session(quantized_run / "model.onnx"), x)
     for mode in MODES:
-        logits = run_logits(session(quantized_run / FILE_NAMES[mode]), x)
+        logits = run_logits(session(quantized_run / get_quantizer(mode).file), x)
         assert logits.shape == reference.shape
         agree = float((logits.argmax(1) == reference.argmax(1)).mean() * 100)
         assert agree >= 97.0, f"{mode}: {agree:.2f} % top-1 agreement on {len(x)} test images"
 
 
 def test_variants_are_in_the_manifest_and_verify(quantized_run: Path) -> None:
-    listed = {str(f["name"]): f for f in read_manifest(quantized_run)["files"]}
+    listed = {f.name: f for f in read_manifest(quantized_run).files}
     for mode in MODES:
-        assert FILE_NAMES[mode] in listed
-        assert listed[FILE_NAMES[mode]]["size"] == (quantized_run / FILE_NAMES[mode]).stat().st_size
+        file = get_quantizer(mode).file
+        assert file in listed
+        assert listed[file].size == (quantized_run / file).stat().st_size
     assert verify_manifest(quantized_run) == []
     leftovers = {p.name for p in quantized_run.iterdir()} - set(listed) - {"manifest.json"}
     assert leftovers == set(), "scratch files of the quantizer or timing leaked"
@@ -125,13 +122,13 @@ def test_report_records_checks_sizes_and_the_combination_table(
     assert static.calibration_samples is not None and static.calibration_samples > 0
 
     rows = {r.variant: r for r in report.combination}
+    # Quantized rows follow the order the modes were asked in (here the registry's order).
     assert list(rows) == [
         "Baseline (FP32)",
         "Pruned + KD + features (FP32)",
-        "Pruned + INT8 static",
-        "Pruned + INT8 dynamic",
-        "Pruned + FP16",
+        *(get_quantizer(m).label for m in MODES),
     ]
+    assert {"Pruned + INT8 static", "Pruned + INT8 dynamic", "Pruned + FP16"} <= set(rows)
     base, pruned = rows["Baseline (FP32)"], rows["Pruned + KD + features (FP32)"]
     assert base.macs == report.base.macs and pruned.macs == report.pruned.macs < base.macs
     assert pruned.top1 == report.pruned.top1 and base.top1 == report.base.top1

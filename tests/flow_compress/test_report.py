@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from flow_compress.config import CompressionConfig
+from flow_compress.contract import build_contract
+from flow_compress.data import FASHION_MNIST_CLASSES
 from flow_compress.report import plot_dynamics, render_markdown, write_report
 from flow_compress.schema import (
     CompressionReport,
@@ -102,6 +104,7 @@ def make_report(**overrides: object) -> CompressionReport:
         "base": ModelMetrics(top1=93.56, top5=99.85, macs=base.macs, params=base.params),
         "pruned": ModelMetrics(top1=92.71, top5=99.80, macs=final.macs, params=final.params),
         "macs_ratio": final.macs / base.macs,
+        "target_met": True,
         "params_ratio": final.params / base.params,
         "top1_drop": 0.85,
         "speedup": 1.9 / 0.71,
@@ -109,7 +112,7 @@ def make_report(**overrides: object) -> CompressionReport:
         "latency": _latency(),
         "steps": steps,
         "recovery_iterations": {"Filter Prune": 1200, "Layer Trunc": 200, "Final Fine-Tune": 600},
-        "guarantee": Guarantee(delta_p99=0.0213, delta_max=0.05),
+        "guarantee": Guarantee(delta_p99=0.0213, delta_max=0.05, holds=True),
         "parity": [
             ParityRecord(format="torchscript", max_abs_diff=0.0, samples=64, passed=True),
             ParityRecord(format="onnx", max_abs_diff=2.1e-6, samples=64, passed=True),
@@ -127,6 +130,8 @@ def make_report(**overrides: object) -> CompressionReport:
         "environment": {"device": CPU, "torch": "2.14.1", "onnxruntime": "1.32.0"},
         "splits": {"train": 54000, "val": 6000, "test": 10000},
         "weights_sha256": "ab" * 32,
+        "pruned_weights_sha256": "cd" * 32,
+        "input_contract": build_contract(28, 1, class_names=FASHION_MNIST_CLASSES),
         "notes": ["Truncation stopped after 2 removals: the third cost 0.8 points (tau 0.5)."],
     }
     fields.update(overrides)
@@ -181,7 +186,7 @@ def test_markdown_dynamics_table_has_every_step(report: CompressionReport) -> No
 def test_markdown_guarantee_parity_timings_environment_notes(report: CompressionReport) -> None:
     md = render_markdown(report)
     assert "99th percentile" in md and "**0.0213**" in md and "Δmax = 0.05" in md
-    assert "holds for at least 99 %" in md
+    assert "the bound **holds** for at least 99 %" in md
     assert "| ONNX | 64 | 2.1e-06 | 0.001 | pass |" in md
     assert "| TorchScript | 64 | 0 | 0.001 | pass |" in md
     assert "| recovery | 10 min 00 s | 85 % |" in md
@@ -206,8 +211,63 @@ def test_markdown_says_what_was_not_measured() -> None:
 
 
 def test_markdown_flags_a_broken_bound() -> None:
-    md = render_markdown(make_report(guarantee=Guarantee(delta_p99=0.31, delta_max=0.05)))
-    assert "**exceeded**" in md
+    md = render_markdown(
+        make_report(guarantee=Guarantee(delta_p99=0.31, delta_max=0.05, holds=False))
+    )
+    assert "**exceeded**" in md and "**holds**" not in md
+    assert "guarantee.enforce" in md
+
+
+def test_a_verdict_cannot_contradict_its_numbers() -> None:
+    with pytest.raises(ValueError, match="contradicts"):
+        Guarantee(delta_p99=0.31, delta_max=0.05, holds=True)
+
+
+def test_markdown_states_whether_the_target_was_met() -> None:
+    assert "target 25.0 %: **met**" in render_markdown(make_report())
+    missed = render_markdown(make_report(target_met=False))
+    assert "target 25.0 %: **missed** within the accuracy budget" in missed
+
+
+def test_markdown_labels_input_and_pruned_weights() -> None:
+    md = render_markdown(make_report())
+    assert f"| Input weights sha256 | `{'ab' * 32}` |" in md
+    assert f"| Pruned weights sha256 (weights.safetensors) | `{'cd' * 32}` |" in md
+    md = render_markdown(make_report(weights_sha256=None))
+    assert "| Input weights sha256 | none (random init) |" in md
+
+
+def test_markdown_states_the_input_contract() -> None:
+    report = make_report()
+    contract = report.input_contract
+    assert contract is not None
+    md = render_markdown(report)
+    section = md.split("## Input contract", 1)[1].split("\n## ", 1)[0]
+    assert f"| Input | `input`: float32 NCHW, 1 × {contract.height} × {contract.width} |" in section
+    assert f"| Mean | {contract.mean[0]:g} |" in section
+    assert f"| Std | {contract.std[0]:g} |" in section
+    assert "Ankle boot" in section and "flow_compress.input_contract" in section
+    # A report without a contract (schema version 2) renders without the section.
+    assert "## Input contract" not in render_markdown(make_report(input_contract=None))
+
+
+def test_a_report_of_schema_version_2_loads_without_a_contract() -> None:
+    old = make_report().model_dump(mode="json")
+    old["schema_version"] = 2
+    del old["input_contract"]
+    assert CompressionReport.model_validate(old).input_contract is None
+
+
+def test_a_report_of_schema_version_1_still_loads() -> None:
+    # bench --summarise rebuilds tables from saved reports of earlier runs.
+    old = make_report().model_dump(mode="json")
+    old["schema_version"] = 1
+    for key in ("target_met", "pruned_weights_sha256"):
+        del old[key]
+    del old["guarantee"]["holds"]
+    loaded = CompressionReport.model_validate(old)
+    assert loaded.target_met is None and loaded.guarantee is not None
+    assert "not judged" in render_markdown(loaded)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -254,6 +314,6 @@ def test_write_report_writes_everything(report: CompressionReport, written) -> N
     ]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     text = (out / "report.json").read_text(encoding="utf-8")
-    assert text.startswith('{\n  "schema_version": 1,')
+    assert text.startswith('{\n  "schema_version": 3,')
     assert CompressionReport.model_validate_json(text) == report
     assert (out / "report.md").read_text(encoding="utf-8") == render_markdown(report)

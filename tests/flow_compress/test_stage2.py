@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-from flow_compress.blocks import find_candidates
+from flow_compress.arch.blocks import find_candidates
 from flow_compress.data import DataSplits
 from flow_compress.pipeline import make_context
-from flow_compress.stage2 import block_scores, run_stage2
+from flow_compress.pipeline.stage2 import block_scores, run_stage2
 
 from .conftest import small_config
 

@@ -1,0 +1,2 @@
+"""Measurements: accuracy and the output-error check (``evaluate``), latency timed side by side
+(``latency``), and the machine the numbers come from (``environment``)."""

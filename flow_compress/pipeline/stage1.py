@@ -1,0 +1,278 @@
+"""Stage 1: divergence-aware filter pruning (docs/algorithm.md, "Stage 1: filter pruning").
+
+Each step: calibrate on the validation split → score every prunable group with the configured
+criterion (``flow_compress.criteria``) → rank globally → remove the lowest-ranked units until
+the step's MACs target is saved → recover by distillation → evaluate on the validation split.
+A step whose accuracy drop against the original exceeds ``max_drop`` is rolled back and
+retried with half the MACs cut (at most ``prune.retries`` times); if it still fails, the stage
+stops with the last accepted model.
+
+Choices (their reasons are in docs/algorithm.md):
+- Ranking ``score`` (the default) orders units by score alone, as the paper does;
+  ``score_per_mac`` divides the score by the MACs the unit's removal saves (all coupled
+  producers and consumers); ``auto`` prunes a copy both ways each step, evaluates both on
+  calibration batches before recovery, and keeps the better.
+- The per-layer cap is cumulative against the original width: a group keeps at least
+  ``max(min_channels, ceil((1 - max_layer_ratio) * original))`` channels, rounded up to
+  ``round_to``. A head group keeps at least one head and
+  ``ceil((1 - max_layer_ratio) * original)`` heads; ``min_channels`` and ``round_to`` apply to
+  channels only. Heads share the global ranking with channels and neurons.
+- A step re-scores and prunes again (at most three passes) when rounding or coupling left its
+  MACs more than 1 % above the step target.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flow_compress.arch.surgery import classifier_path
+from flow_compress.criteria import ScoreRequest, get_criterion
+from flow_compress.errors import UnsupportedModelError
+from flow_compress.graph import PrunableGroup, PruningGraph
+from flow_compress.pipeline.context import Context
+from flow_compress.schema import Stage
+
+STAGE = Stage.FILTER_PRUNE
+_PASSES = 3
+
+
+def decay_schedule(target: float, steps: int) -> list[float]:
+    """Cumulative MACs keep fractions 1 − (1 − r)·(1 − (1 − k/K)³), k = 1..K."""
+    return [1 - (1 - target) * (1 - (1 - k / steps) ** 3) for k in range(1, steps + 1)]
+
+
+def paper_ratios(steps: int, alpha: float, beta: float) -> list[float]:
+    """Per-step channel ratios ρ_k = β·(1 + k/K)^α, k = 0..K-1 (the authors' schedule)."""
+    return [min(0.9, beta * (1 + k / steps) ** alpha) for k in range(steps)]
+
+
+@dataclass
+class _Selection:
+    removals: dict[str, list[int]]
+    saved: float
+
+
+class FilterPruner:
+    """Runs stage 1 on ``model`` in place; the accepted model is returned."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.prune
+        # The context's dict, so a checkpoint can save it and a resumed run restore it.
+        self.original_sizes: dict[str, int] = ctx.original_widths
+
+    # ------------------------------------------------------------ graph + scores
+
+    def _graph(self, model: nn.Module) -> PruningGraph:
+        try:
+            head = model.get_submodule(classifier_path(model))
+        except LookupError as exc:
+            raise UnsupportedModelError(f"{type(model).__name__}: {exc}") from exc
+        with self.ctx.timer("surgery"):
+            return PruningGraph(model, self.ctx.example, ignored=[head])
+
+    def scores(
+        self, model: nn.Module, graph: PruningGraph, groups: list[PrunableGroup]
+    ) -> list[torch.Tensor]:
+        """Per-root-unit scores of every group by ``prune.criterion`` (higher = keep), on
+        calibration batches of the validation split."""
+        ctx = self.ctx
+        criterion = get_criterion(self.cfg.criterion)
+        calib = ctx.data.calibration_batches(
+            self.cfg.calibration_batches, ctx.config.data.eval_batch_size
+        )
+        with ctx.timer("scoring"):
+            return criterion.score(ScoreRequest(model, graph, groups, calib, ctx.device, self.cfg))
+
+    # ------------------------------------------------------------ selection
+
+    def _keep_min(self, g: PrunableGroup) -> int:
+        orig = self.original_sizes.setdefault(g.root_name, g.size)
+        if g.unit == "head":
+            return min(g.size, max(1, math.ceil((1 - self.cfg.max_layer_ratio) * orig)))
+        keep = max(self.cfg.min_channels, math.ceil((1 - self.cfg.max_layer_ratio) * orig))
+        if self.cfg.round_to:
+            keep = math.ceil(keep / self.cfg.round_to) * self.cfg.round_to
+        return min(keep, g.size)
+
+    def select(
+        self,
+        groups: list[PrunableGroup],
+        scores: list[torch.Tensor],
+        ranking: str,
+        need_macs: float,
+        max_count: int | None,
+    ) -> _Selection:
+        """Greedy global selection: lowest key first until ``need_macs`` are saved."""
+        keys, owners, chans = [], [], []
+        for gi, (g, s) in enumerate(zip(groups, scores, strict=True)):
+            k = s.double() / g.cost if ranking == "score_per_mac" else s.double()
+            keys.append(k)
+            owners.append(torch.full((g.size,), gi, dtype=torch.long))
+            chans.append(torch.arange(g.size))
+        if not keys:
+            return _Selection({}, 0.0)
+        key = torch.cat(keys)
+        owner = torch.cat(owners)
+        chan = torch.cat(chans)
+        order = torch.argsort(key, stable=True)
+        budget = [g.size - self._keep_min(g) for g in groups]
+        picked: dict[int, list[int]] = {}
+        saved, count = 0.0, 0
+        for i in order.tolist():
+            if saved >= need_macs or (max_count is not None and count >= max_count):
+                break
+            gi = int(owner[i])
+            if budget[gi] <= 0:
+                continue
+            budget[gi] -= 1
+            c = int(chan[i])
+            picked.setdefault(gi, []).append(c)
+            saved += float(groups[gi].cost[c])
+            count += 1
+        removals: dict[str, list[int]] = {}
+        saved = 0.0
+        for gi, chosen in picked.items():
+            g = groups[gi]
+            n_remove = len(chosen)
+            if self.cfg.round_to and g.unit == "channel":
+                kept = math.ceil((g.size - n_remove) / self.cfg.round_to) * self.cfg.round_to
+                n_remove = max(0, g.size - kept)
+            chosen = chosen[:n_remove]  # lowest keys were picked first
+            if chosen:
+                removals[g.root_name] = sorted(chosen)
+                saved += float(g.cost[chosen].sum())
+        return _Selection(removals, saved)
+
+    def apply(
+        self, model: nn.Module, graph: PruningGraph, groups: list[PrunableGroup], sel: _Selection
+    ) -> list[dict[str, object]]:
+        by_name = {g.root_name: g for g in groups}
+        entries = []
+        with self.ctx.timer("surgery"):
+            for name, idxs in sel.removals.items():
+                entries.append(graph.prune(by_name[name], idxs))
+            graph.verify(list(sel.removals))
+        return entries
+
+    # ------------------------------------------------------------ one cut
+
+    def cut(
+        self, model: nn.Module, target_macs: float, max_count: int | None
+    ) -> tuple[nn.Module, list[dict[str, object]]]:
+        """Prune ``model`` towards ``target_macs`` (returns the pruned model and plan entries)."""
+        entries: list[dict[str, object]] = []
+        for _ in range(_PASSES):
+            macs, _ = self.ctx.cost(model)
+            need = macs - target_macs
+            if need <= 0.01 * target_macs:
+                break
+            graph = self._graph(model)
+            groups = graph.groups()
+            scores = self.scores(model, graph, groups)
+            rankings = (
+                ["score", "score_per_mac"] if self.cfg.ranking == "auto" else [self.cfg.ranking]
+            )
+            best: tuple[float, nn.Module, list[dict[str, object]]] | None = None
+            for ranking in rankings:
+                sel = self.select(groups, scores, ranking, need, max_count)
+                if not sel.removals:
+                    continue
+                if len(rankings) == 1:
+                    best = (0.0, model, self.apply(model, graph, groups, sel))
+                    break
+                trial = copy.deepcopy(model)
+                tgraph = self._graph(trial)
+                tgroups = tgraph.groups()
+                e = self.apply(trial, tgraph, tgroups, sel)
+                top1, _ = self.ctx.val_accuracy(trial, max_batches=self.cfg.calibration_batches)
+                if best is None or top1 > best[0]:
+                    best = (top1, trial, e)
+            if best is None:
+                break
+            model = best[1]
+            entries.extend(best[2])
+            max_count = None  # the count bound applies to the first pass only
+        return model, entries
+
+    # ------------------------------------------------------------ the stage
+
+    def run(self, model: nn.Module, start_step: int = 0) -> nn.Module:
+        """Prune ``model`` along the schedule; ``start_step`` > 0 resumes a checkpointed run
+        whose first ``start_step`` steps are already in ``model`` and the context."""
+        ctx, cfg = self.ctx, self.cfg
+        target = ctx.target_macs
+        K = cfg.steps
+        fractions = decay_schedule(ctx.config.target_macs, K)
+        ratios = paper_ratios(K, cfg.paper_alpha, cfg.paper_beta)
+        for k in range(start_step, K):
+            ctx.check_cancel()
+            macs, _ = ctx.cost(model)
+            if ctx.reached_target(macs):
+                break
+            if cfg.schedule == "decay":
+                step_target = max(target, fractions[k] * ctx.base_macs)
+                max_count = None
+            else:
+                step_target = target
+                max_count = self._count_for_ratio(model, ratios[k])
+            reduction = macs - step_target
+            snapshot = copy.deepcopy(model)
+            accepted = False
+            for attempt in range(cfg.retries + 1):
+                pruned, entries = self.cut(model, macs - reduction, max_count)
+                if not entries:
+                    break
+                ctx.recover(pruned, ctx.config.recovery.iters_per_step, STAGE)
+                top1, top5 = ctx.val_accuracy(pruned)
+                if ctx.drop(top1) <= ctx.config.max_drop:
+                    model = pruned
+                    ctx.plan_ops.extend(entries)
+                    rec = ctx.record(
+                        model,
+                        STAGE,
+                        top=(top1, top5),
+                        detail=f"step {k + 1}/{K}" + (f", retry {attempt}" if attempt else ""),
+                    )
+                    ctx.accepted(model, STAGE, k + 1)
+                    ctx.emit(
+                        STAGE,
+                        k + 1,
+                        K,
+                        macs=rec.macs,
+                        top1=rec.top1,
+                        message=f"pruned to {rec.macs / ctx.base_macs:.1%} of base MACs",
+                    )
+                    accepted = True
+                    break
+                ctx.notes.append(
+                    f"Filter Prune step {k + 1}: drop {ctx.drop(top1):.2f} > budget "
+                    f"{ctx.config.max_drop:.2f}, rolled back (attempt {attempt + 1})"
+                )
+                model = copy.deepcopy(snapshot)
+                reduction /= 2
+                if max_count is not None:
+                    max_count = max(1, max_count // 2)
+            if not accepted:
+                ctx.emit(
+                    STAGE, K, K, message="accuracy budget reached; keeping last accepted model"
+                )
+                break
+        macs, _ = ctx.cost(model)
+        if not ctx.reached_target(macs):
+            ctx.notes.append(
+                f"Filter Prune ended at {macs / ctx.base_macs:.1%} of base MACs, above the "
+                f"target {ctx.config.target_macs:.1%} (budget or per-layer caps)"
+            )
+        ctx.emit(STAGE, K, K, macs=macs)
+        return model
+
+    def _count_for_ratio(self, model: nn.Module, ratio: float) -> int:
+        graph = self._graph(model)
+        total = sum(g.size for g in graph.groups())
+        return max(1, int(ratio * total))

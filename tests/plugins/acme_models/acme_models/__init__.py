@@ -1,0 +1,1 @@
+"""ACME's vision models (a flow-compress plug-in used by the tests)."""
