@@ -14,6 +14,10 @@ Why each setting:
   itself went down, kombu cannot put the message back at that moment; the consumer step
   ``RequeueCutOffJobs`` does it on reconnecting (``worker.recovery``).
 - The result backend is disabled: the job store is the single source of truth.
+- ``CatalogueStep``: each worker publishes the model names it can build (``worker.catalogue``),
+  which the API validates job specs against.
+- ``RetentionStep``: each worker's main process sweeps expired jobs' files on a timer, one
+  sweep at a time across workers (a Redis lock); see ``worker.retention`` for why not beat.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ from __future__ import annotations
 from celery import Celery
 
 from worker.broker import celery_broker_url
+from worker.catalogue import CatalogueStep
 from worker.recovery import RequeueCutOffJobs
+from worker.retention import RetentionStep
 from worker.settings import WorkerSettings
+from worker.telemetry import HeartbeatStep
+from worker.webhooks import WebhookStep
 
 TASK_NAME = "flow_compress.compress_job"
 
@@ -42,6 +50,10 @@ def create_celery(settings: WorkerSettings) -> FlowCelery:
     )
     app.settings = settings
     app.steps["consumer"].add(RequeueCutOffJobs)
+    app.steps["worker"].add(RetentionStep)  # the periodic retention sweep (worker.retention)
+    app.steps["worker"].add(HeartbeatStep)
+    app.steps["worker"].add(WebhookStep)
+    app.steps["worker"].add(CatalogueStep)  # the names this worker builds, for the API
     app.conf.update(
         task_default_queue=settings.queue,
         task_routes={TASK_NAME: {"queue": settings.queue}},
@@ -52,6 +64,16 @@ def create_celery(settings: WorkerSettings) -> FlowCelery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
+        # Retries of transient failures use Celery's own exponential backoff with full
+        # jitter (the task's autoretry_for); 0 retries at once.
+        task_annotations={
+            TASK_NAME: {
+                "max_retries": settings.max_retries,
+                "retry_backoff": settings.retry_backoff_s,
+                "retry_backoff_max": settings.retry_backoff_max_s,
+                "default_retry_delay": settings.retry_backoff_s,
+            }
+        },
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.hard_time_limit,
         worker_prefetch_multiplier=1,

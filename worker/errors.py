@@ -15,10 +15,10 @@ from urllib.error import URLError
 import redis
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from flow_compress.errors import FlowCompressError
+from flow_compress.errors import ErrorCode, FlowCompressError
 from worker.storage import ArtifactCorruptError
 
-_TRANSIENT: tuple[type[BaseException], ...] = (
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
@@ -30,7 +30,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 
 @dataclass(frozen=True)
 class Failure:
-    code: str
+    code: ErrorCode
     message: str
     transient: bool
 
@@ -40,14 +40,18 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, FlowCompressError):
         return Failure(exc.code, exc.message, transient=False)
     if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
-        return Failure("timeout", "the job ran past its time limit", transient=False)
+        return Failure(ErrorCode.TIMEOUT, "the job ran past its time limit", transient=False)
     if isinstance(exc, ArtifactCorruptError):
-        return Failure("artifact_corrupt", str(exc), transient=False)
+        return Failure(ErrorCode.ARTIFACT_CORRUPT, str(exc), transient=False)
     if isinstance(exc, MemoryError) or (
         # torch.cuda.OutOfMemoryError, recognised by name so this module stays torch-free
         type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.startswith("torch")
     ):
-        return Failure("out_of_memory", f"out of memory: {str(exc)[:500]}", transient=False)
-    if isinstance(exc, _TRANSIENT):
-        return Failure("service_unavailable", f"{type(exc).__name__}: {exc}", transient=True)
-    return Failure("internal_error", f"{type(exc).__name__}: {str(exc)[:500]}", transient=False)
+        return Failure(ErrorCode.OUT_OF_MEMORY, f"out of memory: {str(exc)[:500]}", transient=False)
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return Failure(
+            ErrorCode.SERVICE_UNAVAILABLE, f"{type(exc).__name__}: {exc}", transient=True
+        )
+    return Failure(
+        ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {str(exc)[:500]}", transient=False
+    )

@@ -11,6 +11,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 from flow_compress.config import CompressionConfig
+from worker.notify import NotifyTarget, WebhookDelivery
 
 
 class JobState(str, Enum):
@@ -40,8 +41,10 @@ class JobError(BaseModel):
 class JobPayload(BaseModel):
     """The task message: everything the worker needs, with server-side paths resolved.
 
-    ``weights`` is an absolute path under the storage root (an upload or a ``weights_uri``);
-    ``config.dataset`` is already rewritten to an absolute path for uploaded archives.
+    ``weights`` is an absolute path under the storage root (an upload or a ``weights_uri``).
+    ``config`` is the client's; ``dataset_path``, when set, is the dataset reference the
+    worker reads instead of ``config.dataset`` (the server path an uploaded archive or a
+    relative reference resolved to), which clients never see.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,6 +52,13 @@ class JobPayload(BaseModel):
     job_id: str = Field(..., pattern=r"^[0-9a-f]{32}$")
     config: CompressionConfig
     weights: str | None = None
+    dataset_path: str | None = None
+
+    def library_config(self) -> CompressionConfig:
+        """The config the library runs: the client's, reading the resolved dataset."""
+        if self.dataset_path is None:
+            return self.config
+        return self.config.model_copy(update={"dataset": self.dataset_path})
 
 
 class JobRecord(BaseModel):
@@ -61,6 +71,9 @@ class JobRecord(BaseModel):
     state: JobState
     config: CompressionConfig
     weights: str | None = None
+    dataset_path: str | None = Field(
+        None, description="Server-side dataset reference the worker reads (never shown)."
+    )
     weights_sha256: str | None = None
     dataset_sha256: str | None = None
     stage: str | None = None
@@ -78,9 +91,21 @@ class JobRecord(BaseModel):
     redeliveries: int = Field(0, description="Times it was taken over after a worker died.")
     cancel_requested: bool = False
     error: JobError | None = None
-    result: dict[str, float] | None = Field(
-        None, description="Headline numbers of a succeeded job, copied from its report."
+    result: dict[str, float | bool] | None = Field(
+        None,
+        description="Headline numbers of a succeeded job, copied from its report, and its "
+        "verdict target_met (false: published although the MACs target was missed).",
+    )
+    expired_at: float | None = Field(
+        None, description="When its files were removed (retention, or its owner deleted them)."
+    )
+    expired_reason: str | None = Field(None, description="'retention' or 'deleted'.")
+    notify: NotifyTarget | None = None
+    delivery: WebhookDelivery | None = Field(
+        None, description="The webhook delivery of the job's end (set when it ends)."
     )
 
     def payload(self) -> JobPayload:
-        return JobPayload(job_id=self.id, config=self.config, weights=self.weights)
+        return JobPayload(
+            job_id=self.id, config=self.config, weights=self.weights, dataset_path=self.dataset_path
+        )

@@ -45,7 +45,9 @@ def requeue_cut_off_jobs(app: Celery, settings: WorkerSettings) -> None:
     if not _cut_off:
         return
     assert settings.redis_url
-    store = JobStore(redis_client(settings.redis_url), settings.key_prefix)
+    store = JobStore(
+        redis_client(settings.redis_url), settings.key_prefix, events_ttl_s=settings.events_ttl_s
+    )
     try:
         with app.connection_for_write() as conn:
             channel = conn.default_channel
@@ -92,6 +94,40 @@ def _requeue_one(
     log.info("job %s: cut off by the lost broker connection, already redelivered", job_id)
 
 
+def requeue_orphaned_jobs(app: Celery, settings: WorkerSettings) -> list[str]:
+    """Put back every unacknowledged message, and its job, at the head of the queue.
+
+    Only for a Redis that no live worker uses: ``flow-compress serve``'s embedded one as it
+    starts, before its worker. Every unacknowledged message there was taken by the worker of
+    an earlier ``serve`` that was killed outright (its worker died with it, see
+    ``worker.process``); without this its job would wait for the visibility timeout (hours).
+    Returns the job ids put back.
+    """
+    assert settings.redis_url
+    store = JobStore(redis_client(settings.redis_url), settings.key_prefix)
+    requeued: list[str] = []
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            with channel.conn_or_acquire() as client:
+                for tag in client.zrange(channel.unacked_index_key, 0, -1):
+                    raw = client.hget(channel.unacked_key, tag)
+                    if raw is None:
+                        continue
+                    message, _exchange, _routing_key = json.loads(raw)
+                    job_id = message.get("headers", {}).get("id")
+                    # The record first, as for a cut-off job (see _requeue_one).
+                    if job_id:
+                        store.requeue(job_id, "requeued: the service stopped while it ran")
+                        requeued.append(job_id)
+                    channel.qos.restore_by_tag(tag, client)
+    finally:
+        store.r.close()
+    for job_id in requeued:
+        log.warning("job %s: its worker died with the service; back on the queue", job_id)
+    return requeued
+
+
 class RequeueCutOffJobs(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer step: its ``start`` runs each time the consumer has (re)connected."""
 
@@ -101,4 +137,4 @@ class RequeueCutOffJobs(bootsteps.StartStopStep):  # type: ignore[misc]
         requeue_cut_off_jobs(parent.app, parent.app.settings)
 
 
-__all__ = ["RequeueCutOffJobs", "note_cut_off", "requeue_cut_off_jobs"]
+__all__ = ["RequeueCutOffJobs", "note_cut_off", "requeue_cut_off_jobs", "requeue_orphaned_jobs"]

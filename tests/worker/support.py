@@ -98,14 +98,16 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(
+    env: dict[str, str], log: Path, log_level: str = "warning"
+) -> tuple[subprocess.Popen[bytes], str]:
     """``flow-compress serve --no-worker`` (uvicorn) on a free loopback port; returns it and
     its base URL once /healthz answers."""
     port = free_port()
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--no-worker", "--port", str(port),
-             "--log-level", "warning"],
+             "--log-level", log_level],
             cwd=REPO,
             env=env,
             stdout=out,

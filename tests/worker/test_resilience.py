@@ -116,6 +116,14 @@ def assert_resumed_once_and_published_cleanly(
     return report
 
 
+def _catalogue_child(pid: int) -> bool:
+    """The worker's short-lived start-up child that lists its model names (worker.catalogue)."""
+    try:
+        return b"flow_compress.arch.catalogue" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def api(url: str, storage: Path, prefix: str) -> TestClient:
     settings = ApiSettings(redis_url=url, key_prefix=prefix, storage_dir=storage)
     client = TestClient(create_app(settings))
@@ -123,7 +131,7 @@ def api(url: str, storage: Path, prefix: str) -> TestClient:
     return client
 
 
-def test_a_worker_killed_mid_job_is_redelivered_resumes_and_succeeds_once(
+def test_a_worker_killed_mid_job_is_requeued_at_the_head_resumes_and_succeeds_once(
     redis_url: str, key_prefix: str, tmp_path: Path, base_weights: bytes
 ) -> None:
     storage, log = tmp_path / "storage", tmp_path / "worker.log"
@@ -136,13 +144,32 @@ def test_a_worker_killed_mid_job_is_redelivered_resumes_and_succeeds_once(
         wait_for(state_file.exists, JOB_TIMEOUT_S, lambda: log.read_text()[-4000:])
         checkpointed = json.loads(state_file.read_text())
         assert checkpointed["stage"] == "Filter Prune" and checkpointed["step"] >= 1
-        pool = children(worker.pid)
+        behind = submit(client, b"not weights")  # queued behind the running job
+        pool = [p for p in children(worker.pid) if not _catalogue_child(p)]
         assert len(pool) == 1, pool
         os.kill(pool[0], signal.SIGKILL)
+
+        # At once, not once the queue has drained: the job says it waits again, and why.
+        seen: list[tuple[str, str]] = []
+
+        def requeued() -> bool:
+            rec = store.get(job_id)
+            assert rec is not None
+            seen.append((rec.state.value, rec.message))
+            return rec.state is JobState.queued and "worker lost" in rec.message
+
+        deadline = time.monotonic() + 15
+        while not requeued():
+            assert time.monotonic() < deadline, (seen[-5:], log.read_text()[-3000:])
+            time.sleep(0.02)
 
         rec = finished(store, job_id, log)
         assert rec.state is JobState.succeeded, (rec, log.read_text()[-4000:])
         assert (rec.attempts, rec.redeliveries) == (2, 1)
+        # Back at the head of the queue: it ran again before the job queued behind it.
+        later = finished(store, behind, log)
+        assert later.started_at is not None and rec.finished_at is not None
+        assert later.started_at >= rec.finished_at, (later, rec)
 
         def successes() -> int:
             return len(re.findall(rf"compress_job\[{job_id}\] succeeded", log.read_text()))
@@ -150,7 +177,7 @@ def test_a_worker_killed_mid_job_is_redelivered_resumes_and_succeeds_once(
         # The task logs its end just after recording it in the store.
         wait_for(lambda: successes() >= 1, 60, lambda: log.read_text()[-3000:])
         worker_log = log.read_text()
-        assert "WorkerLostError" in worker_log or "SIGKILL" in worker_log
+        assert f"job {job_id}: worker lost" in worker_log and "SIGKILL" in worker_log
         # One success, recorded once: the killed attempt never reached the end.
         assert successes() == 1
 
@@ -165,7 +192,10 @@ def test_a_worker_killed_mid_job_is_redelivered_resumes_and_succeeds_once(
             task_id=job_id,
             queue="gpu",
         )
-        wait_for(lambda: successes() == 2, 120, lambda: log.read_text()[-3000:])
+        # Dropped by the worker's main process: the job is over, no child is started for it.
+        dropped = f"job {job_id} is over (cancelled or finished): message dropped"
+        wait_for(lambda: dropped in log.read_text(), 120, lambda: log.read_text()[-3000:])
+        assert successes() == 1
         assert store.get(job_id) == before
         assert verify_manifest(artifacts) == []
     finally:

@@ -13,6 +13,7 @@ from flow_compress.config import CompressionConfig
 from worker.broker import redis_client
 from worker.jobs import JobError, JobRecord, JobState
 from worker.store import JobStore, StartOutcome
+from worker.usage import Idempotency, Ledger, Refused, Replayed
 
 CONFIG = CompressionConfig(model="resnet18", dataset="digits")
 
@@ -151,11 +152,51 @@ def test_racing_transitions_leave_one_state_and_consistent_indexes(store: JobSto
         assert holders == [final.state.value]
 
 
-def test_idempotency_key_binds_once_and_can_be_released(store: JobStore) -> None:
-    assert store.claim_idempotency_key("public", "k", "a" * 32, 60) is None
-    assert store.claim_idempotency_key("public", "k", "b" * 32, 60) == "a" * 32
-    assert store.claim_idempotency_key("other", "k", "c" * 32, 60) is None  # per owner
-    store.release_idempotency_key("public", "k", "b" * 32)  # not the bound job: kept
-    assert store.idempotent_job("public", "k") == "a" * 32
-    store.release_idempotency_key("public", "k", "a" * 32)
+def _record(owner: str = "public") -> JobRecord:
+    now = time.time()
+    return JobRecord(
+        id=uuid.uuid4().hex, owner=owner, state=JobState.queued, config=CONFIG,
+        created_at=now, updated_at=now,
+    )  # fmt: skip
+
+
+def test_idempotency_key_binds_once_with_its_job_and_can_be_released(store: JobStore) -> None:
+    ledger = Ledger(store)
+
+    def create(record: JobRecord, key: str, fp: str) -> Replayed | Refused | None:
+        return ledger.create_job(
+            record, max_jobs=0, max_bytes=0, upload_bytes=0, idempotency=Idempotency(key, fp, 60)
+        )
+
+    first, second, other = _record(), _record(), _record("other")
+    assert create(first, "k", "fp1") is None
+    assert store.get(first.id) == first  # the binding and the job appear together
+    assert create(second, "k", "fp2") == Replayed(first.id, "fp1")
+    assert store.get(second.id) is None  # the loser created nothing
+    assert create(other, "k", "fp1") is None  # keys are per owner
+    store.release_idempotency_key("public", "k", second.id)  # not the bound job: kept
+    assert store.idempotent_job("public", "k") == first.id
+    store.release_idempotency_key("public", "k", first.id)
     assert store.idempotent_job("public", "k") is None
+    # A binding whose job is gone (deleted by an operator) is replaced, not replayed.
+    store.r.set(f"{store.prefix}idem:public:stale", f"{'f' * 32} fp")
+    assert create(second, "stale", "fp2") is None
+    assert store.idempotent_job("public", "stale") == second.id
+
+
+def test_a_lost_worker_requeues_its_job_until_the_redelivery_budget_is_spent(
+    store: JobStore,
+) -> None:
+    rec = new_job(store)
+    assert store.requeue_lost(rec.id, max_redeliveries=1) is None  # queued: nothing to do
+    store.start(rec.id, max_redeliveries=1)
+    lost = store.requeue_lost(rec.id, max_redeliveries=1)
+    assert lost is not None and lost.state is JobState.queued and lost.redeliveries == 1
+    assert "worker lost" in lost.message
+    assert rec.id in state_index_members(store, "public")["queued"]
+    outcome, again = store.start(rec.id, max_redeliveries=1)
+    assert outcome is StartOutcome.run and again is not None
+    assert (again.attempts, again.redeliveries) == (2, 1)
+    final = store.requeue_lost(rec.id, max_redeliveries=1)
+    assert final is not None and final.state is JobState.failed and final.error is not None
+    assert final.error.code == "worker_lost"
