@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import ApiError
 
 PUBLIC_OWNER = "public"
 
-_bearer = HTTPBearer(auto_error=False, description="API key as a bearer token.")
-_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key header.")
+bearer_scheme = HTTPBearer(auto_error=False, description="API key as a bearer token.")
+header_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key header.")
 
 
 def owner_for_key(key: str) -> str:
@@ -27,19 +26,20 @@ def owner_for_key(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def require_owner(
-    request: Request,
-    bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    header_key: str | None = Depends(_header),
+def authenticate(
+    keys: list[str],
+    bearer: HTTPAuthorizationCredentials | None,
+    header_key: str | None,
+    authorization: str | None,
 ) -> str:
-    """The caller's owner id, or 401 ``unauthorized`` when keys are on and none matches."""
-    keys: list[str] = request.app.state.settings.api_keys
+    """The caller's owner id, or 401 ``unauthorized`` when ``keys`` are configured and the
+    credentials presented (the bearer token, the X-API-Key header and the raw Authorization
+    header) do not name exactly one of them."""
     if not keys:
         return PUBLIC_OWNER
     presented = {k for k in (header_key, bearer.credentials if bearer else None) if k}
     # An Authorization header that is not a bearer token (HTTPBearer then reports nothing) is
     # a credential too, and an invalid one.
-    authorization = request.headers.get("authorization")
     if authorization is not None and bearer is None:
         presented.add(f"\0invalid:{authorization}")
     # Two different credentials are ambiguous: refuse rather than pick the valid one, so a

@@ -5,8 +5,9 @@ worker; an embedded Redis when ``FLOW_COMPRESS_REDIS_URL`` is unset), ``worker``
 alone), and the CI client ``submit``, ``status``, ``download``, ``cancel``.
 
 Exit codes of the client commands: 0 success; 1 the job failed or was cancelled; 2 usage;
-3 the job succeeded but missed a ``--fail-if-*`` threshold; 4 the server refused the request
-or could not be reached; 5 ``--timeout`` passed while waiting.
+3 the job succeeded but missed its MACs target (``target_met`` false) or a ``--fail-if-*``
+threshold; 4 the server refused the request or could not be reached; 5 ``--timeout`` passed
+while waiting.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ log = logging.getLogger("flow_compress.service")
 
 
 def _build_app() -> typer.Typer:
-    """A Typer app with the library's commands (train, compress) and the service's.
+    """A Typer app with the library's commands (train, compress, ...) and the service's.
 
-    The library's commands are copied, not its app object extended, so importing this module
-    never changes ``flow_compress.cli.app``. They import torch lazily, which keeps
-    ``flow-compress submit`` and the API torch-free.
+    The library's app is mounted without a group name, so its commands sit at the top level;
+    mounting leaves ``flow_compress.cli.app`` itself unchanged. Its commands import torch
+    lazily, which keeps ``flow-compress submit`` and the API torch-free.
     """
     from flow_compress.cli import app as library_app
 
@@ -50,8 +51,7 @@ def _build_app() -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    cli.registered_commands.extend(library_app.registered_commands)
-    cli.registered_groups.extend(library_app.registered_groups)
+    cli.add_typer(library_app)
     return cli
 
 
@@ -81,6 +81,9 @@ def serve(
     ] = None,
     worker: Annotated[bool, typer.Option(help="Also run one worker on this machine.")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    access_log: Annotated[
+        bool, typer.Option(help="Log every request (the /metrics counters need no log).")
+    ] = False,
 ) -> None:
     """Run the API and one worker here. Without FLOW_COMPRESS_REDIS_URL an embedded Redis is
     started, its data kept under the storage folder, so a restart keeps every job."""
@@ -89,6 +92,9 @@ def serve(
     from api.app import create_app
     from api.settings import ApiSettings
     from worker.broker import EmbeddedRedis
+    from worker.celery_app import create_celery
+    from worker.process import die_with_parent
+    from worker.recovery import requeue_orphaned_jobs
     from worker.storage import Storage
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
@@ -101,12 +107,26 @@ def serve(
         embedded = EmbeddedRedis(storage.redis_dir)
         url = embedded.start()
         settings = settings.model_copy(update={"redis_url": url})
-        log.info("embedded Redis at %s (data in %s)", url, storage.redis_dir)
+        log.info("embedded Redis started (data in %s)", storage.redis_dir)
+        if worker:
+            # No worker uses this Redis yet: what is unacknowledged was left by a worker that
+            # died with an earlier serve (kill -9); its jobs go back to the head of the queue.
+            requeue_orphaned_jobs(create_celery(settings), settings)
     worker_proc: subprocess.Popen[bytes] | None = None
     stopping = threading.Event()
     try:
         server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host=host, port=port, log_level=log_level)
+            uvicorn.Config(
+                create_app(settings),
+                host=host,
+                port=port,
+                log_level=log_level,
+                server_header=False,  # the software and its version are nobody's business
+                # Slow uploads end on their own (upload_idle_timeout_s); this bounds the rest.
+                timeout_graceful_shutdown=30,
+                # A log line per request costs more than the request itself on a status poll.
+                access_log=access_log,
+            )
         )
         if worker:
             env = {
@@ -115,7 +135,9 @@ def serve(
                 "FLOW_COMPRESS_STORAGE_DIR": str(storage.root),
             }
             cmd = [sys.executable, "-m", "api.cli", "worker", "--loglevel", log_level.upper()]
-            worker_proc = subprocess.Popen(cmd, env=env)
+            # Dies with serve even when serve is killed outright (its pool children die with
+            # it in turn): no orphan worker left taking jobs next to a restarted serve's.
+            worker_proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent())
 
             def watch(proc: subprocess.Popen[bytes]) -> None:
                 # A dead worker means jobs would queue forever: stop the whole service.
@@ -200,13 +222,12 @@ def worker(
 
 # ---------------------------------------------------------------------------- CI client
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        node = target.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise typer.BadParameter(f"{dotted}: {key} is not an object", param_hint="--set")
-        target = node
-    target[keys[-1]] = value
+    from flow_compress.config import set_dotted
+
+    try:
+        set_dotted(target, dotted, value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
 
 
 def build_spec(
@@ -283,7 +304,10 @@ def _fail(exc: ApiClientError) -> typer.Exit:
 
 @app.command()
 def submit(
-    model: Annotated[str | None, typer.Option(help="Architecture name, e.g. resnet18.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model: resnet18, timm:NAME, torchvision:NAME or hf-hub:ORG/NAME."),
+    ] = None,
     weights: Annotated[
         Path | None,
         typer.Option(
@@ -386,10 +410,17 @@ def _finish(
         f"succeeded: top-1 {report['base']['top1']:.2f}% -> {report['pruned']['top1']:.2f}% "
         f"(drop {report['top1_drop']:.2f}), MACs x{report['macs_ratio']:.3f}"
     )
+    target = report["config"]["target_macs"]
+    target_met = report.get("target_met")
+    if target_met is not None:
+        verdict = "met" if target_met else "MISSED within the accuracy budget"
+        typer.echo(f"MACs target x{target:.3f}: {verdict}")
     if download is not None:
         for path in client.download(job["id"], download):
             typer.echo(f"downloaded {path}")
     missed = []
+    if target_met is False:
+        missed.append(f"MACs target x{target:.3f} missed (reached x{report['macs_ratio']:.3f})")
     if max_drop is not None and report["top1_drop"] > max_drop:
         missed.append(f"top-1 drop {report['top1_drop']:.2f} > {max_drop}")
     if max_macs_ratio is not None and report["macs_ratio"] > max_macs_ratio:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,40 @@ from typing import Any
 import httpx
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+SIGNATURE_HEADER = "Flow-Compress-Signature"
+
+
+def verify_signature(
+    secret: str,
+    body: bytes,
+    signature_header: str,
+    *,
+    tolerance_s: float = 300.0,
+    now: float | None = None,
+) -> bool:
+    """Whether a webhook request is authentic: ``signature_header`` (the
+    ``Flow-Compress-Signature`` header, ``t=<unix time>,v1=<hex>``) carries an HMAC-SHA256 of
+    ``"<t>.<body>"`` keyed by ``secret``, and ``t`` is within ``tolerance_s`` of ``now`` (a
+    replayed old request fails). ``body`` must be the raw bytes received, not re-encoded JSON.
+    """
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in signature_header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isdigit():
+            timestamp = int(value)
+        elif key == "v1":
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        return False
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance_s:
+        return False
+    expected = hmac.new(
+        secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
+    ).hexdigest()
+    # Every v1 entry is checked (a sender rotating secrets may send two), in constant time.
+    return any(hmac.compare_digest(expected, sig) for sig in signatures)
 
 
 class ApiClientError(Exception):
@@ -122,7 +157,9 @@ class Client:
             partial = target.with_name(target.name + ".part")
             digest = hashlib.sha256()
             try:
-                with self.http.stream("GET", entry["url"]) as response:
+                # A server with presigned downloads answers 307 to its object store; httpx
+                # drops the API key when a redirect leaves the API's origin.
+                with self.http.stream("GET", entry["url"], follow_redirects=True) as response:
                     if response.status_code >= 400:
                         response.read()
                         self._raise_for(response)

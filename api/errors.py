@@ -17,39 +17,71 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from flow_compress.errors import FlowCompressError
+from flow_compress.errors import ErrorCode, FlowCompressError
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5
 
 STATUS_BY_CODE: dict[str, int] = {
+    # the API's own codes
     "bad_request": 400,
     "invalid_multipart": 400,
+    "invalid_range": 400,
     "unauthorized": 401,
     "not_found": 404,
     "method_not_allowed": 405,
-    "job_finished": 409,
+    "request_timeout": 408,
     "artifacts_not_available": 409,
+    "artifacts_expired": 410,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
+    "range_not_satisfiable": 416,
     "validation_error": 422,
+    "idempotency_key_reused": 422,
+    "weights_not_found": 422,
+    "job_too_large": 422,
+    "download_not_allowed": 422,
+    "invalid_webhook_url": 422,
+    "webhook_host_not_allowed": 422,
+    "quota_exceeded": 429,
     "invalid_archive": 422,
-    # library codes, when a request is refused before any job exists
-    "invalid_config": 422,
-    "unsupported_model": 422,
-    "invalid_dataset": 422,
-    "dataset_not_found": 422,
-    "bad_checkpoint": 422,
     "broker_unavailable": 503,
     "storage_unavailable": 503,
-    "internal_error": 500,
+    # every library and job code (flow_compress.errors.ErrorCode); most end jobs rather than
+    # requests, but a request refused by the library gets the same status as a job would
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.INVALID_CONFIG: 422,
+    ErrorCode.UNSUPPORTED_MODEL: 422,
+    ErrorCode.BAD_CHECKPOINT: 422,
+    ErrorCode.WEIGHTS_NOT_AVAILABLE: 422,
+    ErrorCode.DATASET_NOT_FOUND: 422,
+    ErrorCode.INVALID_DATASET: 422,
+    ErrorCode.BUDGET_EXCEEDED: 422,
+    ErrorCode.GUARANTEE_EXCEEDED: 422,
+    ErrorCode.EXPORT_PARITY_FAILED: 422,
+    ErrorCode.QUANTIZATION_PARITY_FAILED: 422,
+    ErrorCode.EXPORT_FAILED: 500,
+    ErrorCode.QUANTIZATION_FAILED: 500,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.OUT_OF_MEMORY: 507,
+    ErrorCode.ARTIFACT_CORRUPT: 500,
+    ErrorCode.SERVICE_UNAVAILABLE: 503,
 }
+_unmapped = [c.value for c in ErrorCode if c not in STATUS_BY_CODE]
+if _unmapped:  # a new library code must be given a status here, never a silent 500
+    raise RuntimeError(f"api.errors.STATUS_BY_CODE misses error codes {_unmapped}")
 
 
 def status_for(code: str) -> int:
-    return STATUS_BY_CODE.get(code, 500)
+    """The HTTP status of an error code; an unknown code is a bug (``KeyError``)."""
+    try:
+        return STATUS_BY_CODE[code]
+    except KeyError:
+        raise KeyError(f"error code {code!r} has no HTTP status in api.errors") from None
 
 
 class FieldError(BaseModel):
@@ -103,6 +135,7 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        status_for(code)  # an unknown code fails where the error is raised, not when rendered
         self.code = code
         self.message = message
         self.field = field
@@ -187,6 +220,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(redis.ConnectionError, _store_unreachable)
     app.add_exception_handler(redis.TimeoutError, _store_unreachable)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # The client aborted its own request (a cancelled upload): nothing went wrong here,
+        # and nobody will read this answer. One line, no traceback.
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return error_response(ApiError("bad_request", "the client disconnected"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -7,92 +7,141 @@ multipart form, ``config.target_macs`` for a JSON body).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
-import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.archives import extract_archive, imagefolder_root
 from api.errors import ApiError
+from api.hashing import FileHasher
+from api.limits import check_job
 from api.schemas import UPLOAD_DATASET, JobSpec
 from api.settings import ApiSettings
-from api.uploads import MAX_TEXT_FIELD_BYTES, check_content_length, receive_multipart
+from api.uploads import (
+    MAX_TEXT_FIELD_BYTES,
+    RequestBody,
+    check_content_length,
+    receive_multipart,
+)
+from api.weights import WEIGHTS_FILE, WeightsPolicy
+from flow_compress.arch import list_architectures
+from flow_compress.arch.catalogue import resolve_name
 from flow_compress.config import CompressionConfig
 from flow_compress.errors import FlowCompressError
 from flow_compress.refs import known_num_classes, parse_dataset_ref
-from flow_compress.registry import get_architecture
+from worker.catalogue import CatalogueReader
 from worker.celery_app import TASK_NAME, FlowCelery
 from worker.jobs import JobError, JobRecord, JobState
-from worker.storage import Storage, sha256_file
+from worker.notify import NotifyTarget, WebhookUrlError, check_target_url
+from worker.retention import REASON_DELETED, expire_job, remove_uploads
+from worker.storage import FileSink, Storage
 from worker.store import JobStore
+from worker.usage import Idempotency, Ledger, QuotaRefusal, Refused, Replayed
 
 log = logging.getLogger(__name__)
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
-WEIGHTS_FILE = "weights.bin"
 ARCHIVE_FILE = "dataset.archive"
+
+
+def weights_from_cache(config: CompressionConfig) -> bool:
+    """Whether the job's weights come from the worker's local caches (an ``hf-hub:``
+    reference, ``pretrained``), so the request needs none."""
+    return config.pretrained or config.model.startswith("hf-hub:")
+
+
+def fingerprint(spec: JobSpec, weights_sha256: str | None, dataset_sha256: str | None) -> str:
+    """What an Idempotency-Key is bound to: the spec as parsed (so key order, spacing and
+    defaults spelled out do not matter) and the content of the uploaded files."""
+    canonical = json.dumps(
+        {
+            "spec": spec.model_dump(mode="json"),
+            "weights": weights_sha256,
+            "dataset": dataset_sha256,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A job built from a request, not stored yet, and the request's fingerprint."""
+
+    record: JobRecord
+    fingerprint: str
 
 
 class JobService:
     """The write side of the API (reads are simple store lookups in the routes)."""
 
     def __init__(
-        self, settings: ApiSettings, store: JobStore, storage: Storage, celery: FlowCelery
+        self,
+        settings: ApiSettings,
+        store: JobStore,
+        storage: Storage,
+        celery: FlowCelery,
+        hasher: FileHasher | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
         self.celery = celery
+        self.hasher = hasher or FileHasher(store.r, store.prefix)
+        self.weights = WeightsPolicy(storage, store, self.hasher, settings.shared_weights_dirs)
+        self.ledger = Ledger(store)
+        self.catalogue = CatalogueReader(store.r, store.prefix)
 
     # ------------------------------------------------------------------ create
     async def create(
-        self, request: Request, owner: str, idempotency_key: str | None
+        self, body: RequestBody, owner: str, idempotency_key: str | None
     ) -> tuple[JobRecord, bool]:
         """Create and enqueue a job; returns it and whether it is new (False: the
-        Idempotency-Key named an earlier job, which is returned unchanged)."""
-        if idempotency_key is not None:
-            if not _IDEMPOTENCY_KEY.match(idempotency_key):
-                raise ApiError(
-                    "validation_error",
-                    "Idempotency-Key must be 1-200 visible ASCII characters",
-                    field="Idempotency-Key",
-                )
-            earlier = await run_in_threadpool(self._earlier_job, owner, idempotency_key)
-            if earlier is not None:
-                return earlier, False
-
+        Idempotency-Key named an earlier job made by the same request, which is returned
+        unchanged; the same key with a different request is ``idempotency_key_reused``)."""
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise ApiError(
+                "validation_error",
+                "Idempotency-Key must be 1-200 visible ASCII characters",
+                field="Idempotency-Key",
+            )
+        # Refused before the body is read when a limit is already reached; the same check
+        # is repeated atomically with the job's insertion (``_enqueue``).
+        if self.settings.quota_jobs or self.settings.quota_bytes:
+            await run_in_threadpool(self._check_quota, owner)
         job_id = uuid.uuid4().hex
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = (body.content_type or "").split(";")[0].strip().lower()
         upload_dir = self.storage.uploads(job_id)
         try:
             if content_type == "multipart/form-data":
-                record = await self._from_multipart(request, job_id, owner, upload_dir)
+                draft = await self._from_multipart(body, job_id, owner, upload_dir)
             elif content_type == "application/json":
-                record = await self._from_json(request, job_id, owner)
+                draft = await self._from_json(body, job_id, owner)
             else:
                 raise ApiError(
                     "unsupported_media_type",
                     "send multipart/form-data (with uploads) or application/json",
                 )
-            return await run_in_threadpool(self._enqueue, record, idempotency_key)
+            created = await run_in_threadpool(self._enqueue, draft, idempotency_key)
         except BaseException:
-            shutil.rmtree(upload_dir, ignore_errors=True)
+            # Nothing of a refused request is left, here or in a remote store.
+            await run_in_threadpool(self.storage.remove_uploads, job_id)
             raise
-
-    def _earlier_job(self, owner: str, key: str) -> JobRecord | None:
-        job_id = self.store.idempotent_job(owner, key)
-        record = self.store.get(job_id) if job_id else None
-        return record if record is not None and record.owner == owner else None
+        await run_in_threadpool(self.storage.discard_staging, job_id)
+        return created
 
     async def _from_multipart(
-        self, request: Request, job_id: str, owner: str, upload_dir: Path
-    ) -> JobRecord:
+        self, body: RequestBody, job_id: str, owner: str, upload_dir: Path
+    ) -> _Draft:
         upload_dir.mkdir(parents=True)
         specs: list[JobSpec] = []
 
@@ -102,9 +151,13 @@ class JobService:
             specs.append(self.parse_spec(text, "spec"))
 
         form = await receive_multipart(
-            request,
-            upload_dir,
-            file_fields={"weights": WEIGHTS_FILE, "dataset": ARCHIVE_FILE},
+            body,
+            file_fields={
+                # Weights stream straight into the store; an archive is unpacked (and checked)
+                # here first, so it is staged in the local upload folder.
+                "weights": lambda: self.storage.open_upload(job_id, WEIGHTS_FILE),
+                "dataset": lambda: FileSink(upload_dir / ARCHIVE_FILE),
+            },
             text_fields={"spec"},
             max_bytes=self.settings.max_upload_bytes,
             on_text=on_text,
@@ -133,55 +186,82 @@ class JobService:
                     "is attached",
                     field="spec.config.dataset",
                 )
-            config = await run_in_threadpool(self._unpack_dataset, config, archive.path)
+            dataset_path = await run_in_threadpool(
+                self._unpack_dataset, job_id, config, archive.ref
+            )
             dataset_sha256 = archive.sha256
         else:
-            config = self.resolve_dataset(config, "spec.config")
+            dataset_path = self.resolve_dataset(config, "spec.config")
 
         if weights is not None:
-            weights_path, weights_sha256 = weights.path, weights.sha256
+            weights_path, weights_sha256 = weights.ref, weights.sha256
         elif spec.weights_uri:
-            weights_path, weights_sha256 = await run_in_threadpool(
-                self.resolve_weights_uri, spec.weights_uri, "spec.weights_uri"
-            )
+            found = await self.weights.resolve(spec.weights_uri, owner, job_id, "spec.weights_uri")
+            weights_path, weights_sha256 = str(found.path), found.sha256
+        elif weights_from_cache(config):
+            weights_path, weights_sha256 = None, None
         else:
             raise ApiError(
                 "validation_error",
                 "attach a weights file or set spec.weights_uri",
                 field="weights",
             )
-        return self._record(job_id, owner, config, weights_path, weights_sha256, dataset_sha256)
+        record = self._record(
+            job_id,
+            owner,
+            config,
+            dataset_path,
+            weights_path,
+            weights_sha256,
+            dataset_sha256,
+            spec.notify,
+        )
+        uploaded = weights.sha256 if weights is not None else None
+        return _Draft(record, fingerprint(spec, uploaded, dataset_sha256))
 
-    async def _from_json(self, request: Request, job_id: str, owner: str) -> JobRecord:
-        check_content_length(request, MAX_TEXT_FIELD_BYTES)
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > MAX_TEXT_FIELD_BYTES:
+    async def _from_json(self, body: RequestBody, job_id: str, owner: str) -> _Draft:
+        check_content_length(body, MAX_TEXT_FIELD_BYTES)
+        raw = bytearray()
+        async for chunk in body.chunks:
+            raw.extend(chunk)
+            if len(raw) > MAX_TEXT_FIELD_BYTES:
                 raise ApiError(
                     "payload_too_large", f"a JSON body is limited to {MAX_TEXT_FIELD_BYTES} bytes"
                 )
-        spec = self.parse_spec(bytes(body), "")
-        if not spec.weights_uri:
+        spec = self.parse_spec(bytes(raw), "")
+        if not spec.weights_uri and not weights_from_cache(spec.config):
             raise ApiError(
                 "validation_error",
                 "a JSON body must set weights_uri (upload weights with multipart/form-data)",
                 field="weights_uri",
             )
-        config = self.resolve_dataset(spec.config, "config")
-        weights_path, weights_sha256 = await run_in_threadpool(
-            self.resolve_weights_uri, spec.weights_uri, "weights_uri"
+        dataset_path = self.resolve_dataset(spec.config, "config")
+        weights_path = weights_sha256 = None
+        if spec.weights_uri:
+            found = await self.weights.resolve(spec.weights_uri, owner, job_id, "weights_uri")
+            weights_path, weights_sha256 = str(found.path), found.sha256
+        record = self._record(
+            job_id,
+            owner,
+            spec.config,
+            dataset_path,
+            weights_path,
+            weights_sha256,
+            None,
+            spec.notify,
         )
-        return self._record(job_id, owner, config, weights_path, weights_sha256, None)
+        return _Draft(record, fingerprint(spec, None, None))
 
     @staticmethod
     def _record(
         job_id: str,
         owner: str,
         config: CompressionConfig,
-        weights: Path,
-        weights_sha256: str,
+        dataset_path: str | None,
+        weights: str | None,
+        weights_sha256: str | None,
         dataset_sha256: str | None,
+        notify: NotifyTarget | None,
     ) -> JobRecord:
         now = time.time()
         return JobRecord(
@@ -189,25 +269,69 @@ class JobService:
             owner=owner,
             state=JobState.queued,
             config=config,
-            weights=str(weights),
+            dataset_path=dataset_path,
+            weights=weights,
             weights_sha256=weights_sha256,
             dataset_sha256=dataset_sha256,
             created_at=now,
             updated_at=now,
             message="queued",
+            notify=notify,
         )
 
-    def _enqueue(self, record: JobRecord, idempotency_key: str | None) -> tuple[JobRecord, bool]:
-        if idempotency_key is not None:
-            earlier_id = self.store.claim_idempotency_key(
-                record.owner, idempotency_key, record.id, self.settings.idempotency_ttl_s
-            )
-            earlier = self.store.get(earlier_id) if earlier_id else None
-            if earlier is not None:
-                # A concurrent request with the same key won the race: answer with its job.
+    def _check_quota(self, owner: str) -> None:
+        limits = self.settings
+        if not (limits.quota_jobs or limits.quota_bytes):
+            return
+        active, stored = self.ledger.counts(owner)
+        if limits.quota_jobs and active >= limits.quota_jobs:
+            raise self._quota_error(QuotaRefusal.jobs)
+        if limits.quota_bytes and stored >= limits.quota_bytes:
+            raise self._quota_error(QuotaRefusal.bytes)
+
+    def _quota_error(self, which: QuotaRefusal) -> ApiError:
+        what = {
+            QuotaRefusal.jobs: f"{self.settings.quota_jobs} queued or running jobs",
+            QuotaRefusal.bytes: f"{self.settings.quota_bytes} stored bytes",
+        }[which]
+        return ApiError(
+            "quota_exceeded",
+            f"this key's quota of {what} is reached; retry when jobs finish or files expire "
+            "(DELETE a finished job to remove its files now)",
+            headers={"Retry-After": str(self.settings.quota_retry_after_s)},
+        )
+
+    def _enqueue(self, draft: _Draft, idempotency_key: str | None) -> tuple[JobRecord, bool]:
+        record = draft.record
+        idempotency = (
+            Idempotency(idempotency_key, draft.fingerprint, self.settings.idempotency_ttl_s)
+            if idempotency_key is not None
+            else None
+        )
+        # One atomic step: the quota check, the job's insertion and the key's binding.
+        outcome = self.ledger.create_job(
+            record,
+            max_jobs=self.settings.quota_jobs,
+            max_bytes=self.settings.quota_bytes,
+            upload_bytes=self.storage.upload_bytes(record.id),
+            idempotency=idempotency,
+        )
+        if isinstance(outcome, Replayed):
+            earlier_record = self.store.get(outcome.job_id)
+            if earlier_record is not None:
                 self.storage.remove_uploads(record.id)
-                return earlier, False
-        self.store.create(record)
+                if outcome.fingerprint not in (None, draft.fingerprint):
+                    raise ApiError(
+                        "idempotency_key_reused",
+                        f"Idempotency-Key was used for a different request (job "
+                        f"{earlier_record.id}); use a new key for a new request",
+                        field="Idempotency-Key",
+                    )
+                return earlier_record, False
+            # The earlier job vanished between the check and now (an operator removed it).
+            raise ApiError("broker_unavailable", "the request raced a removal; retry it")
+        if isinstance(outcome, Refused):
+            raise self._quota_error(outcome.limit)  # create() removes the uploads
         try:
             self.celery.send_task(
                 TASK_NAME,
@@ -234,9 +358,15 @@ class JobService:
             spec = JobSpec.model_validate_json(raw)
         except ValidationError as exc:
             raise ApiError.from_validation(exc, prefix) from None
+        if spec.notify is not None:
+            try:
+                check_target_url(spec.notify.url, self.settings.webhook_allowed_hosts)
+            except WebhookUrlError as exc:
+                field = f"{prefix}.notify.url" if prefix else "notify.url"
+                raise ApiError(exc.code, exc.message, field=field) from None
         config_field = f"{prefix}.config" if prefix else "config"
         try:
-            get_architecture(spec.config.model)
+            self.check_model(spec.config.model)
         except FlowCompressError as exc:
             raise ApiError.from_library(exc, f"{config_field}.model") from None
         if spec.config.dataset != UPLOAD_DATASET:
@@ -244,14 +374,31 @@ class JobService:
                 parse_dataset_ref(spec.config.dataset)
             except FlowCompressError as exc:
                 raise ApiError.from_library(exc, f"{config_field}.dataset") from None
+        check_job(spec.config, self.settings, config_field)
         return spec
 
-    def resolve_dataset(self, config: CompressionConfig, config_field: str) -> CompressionConfig:
-        """Check a dataset reference against this server and pin its path.
+    def check_model(self, name: str) -> None:
+        """Refuse a model reference no worker can build (``unsupported_model``, with close
+        matches): checked against the newest catalogue a worker published
+        (``worker.catalogue``). With none published yet, registered names (plug-ins loaded in
+        this process included) and syntactically valid ``source:name`` references pass, and
+        the worker fails a name it cannot build."""
+        catalogue = self.catalogue.get()
+        if catalogue is not None:
+            catalogue.resolve(name)
+        else:
+            resolve_name(
+                name, registered=list_architectures(), plugin=(), timm=None, torchvision=None
+            )
 
-        Built-in names pass as they are. A reference with a path must name an existing
-        folder inside ``storage_dir/datasets`` (relative paths are taken from there) or one
-        of ``dataset_roots``; the job then carries the absolute, resolved path.
+    def resolve_dataset(self, config: CompressionConfig, config_field: str) -> str | None:
+        """Check a dataset reference against this server; return the reference the worker
+        reads (the resolved path) when it has one, None for a built-in name.
+
+        A reference with a path must name an existing folder inside ``storage_dir/datasets``
+        (relative paths are taken from there) or one of ``dataset_roots``. The job keeps the
+        client's reference for everything clients see; refusals name only what the client
+        sent, never a server path.
         """
         field = f"{config_field}.dataset"
         if config.dataset == UPLOAD_DATASET:
@@ -272,9 +419,9 @@ class JobService:
                 field=f"{config_field}.num_classes",
             )
         if ref.root is None:
-            return config
+            return None
         path = self._dataset_path(ref.root, field)
-        return config.model_copy(update={"dataset": f"{ref.name}:{path}"})
+        return f"{ref.name}:{path}"
 
     def _dataset_path(self, root: str, field: str) -> Path:
         datasets = self.storage.datasets_dir
@@ -284,30 +431,27 @@ class JobService:
             if not any(path.is_relative_to(a) for a in allowed):
                 raise ApiError(
                     "invalid_dataset",
-                    f"dataset paths must lie under {', '.join(map(str, allowed))}",
+                    "a dataset path must be relative to this server's datasets folder or lie "
+                    "under a dataset root its operator allows",
                     field=field,
                 )
         else:
             try:
                 path = self.storage.resolve_inside(root, base=datasets)
-            except ValueError as exc:
-                raise ApiError("invalid_dataset", str(exc), field=field) from None
-        if not path.exists():
-            raise ApiError("dataset_not_found", f"no dataset at {path}", field=field)
+            except ValueError:
+                raise ApiError(
+                    "invalid_dataset",
+                    "a relative dataset path must stay inside this server's datasets folder",
+                    field=field,
+                ) from None
+        if not path.is_dir():
+            raise ApiError("dataset_not_found", "no dataset folder at that path", field=field)
         return path
 
-    def resolve_weights_uri(self, uri: str, field: str) -> tuple[Path, str]:
-        """A server-side weights file (relative to the storage root) and its sha256."""
-        relative = uri.removeprefix("storage://")
-        try:
-            path = self.storage.resolve_inside(relative)
-        except ValueError as exc:
-            raise ApiError("validation_error", str(exc), field=field) from None
-        if path.is_relative_to(self.storage.redis_dir) or not path.is_file():
-            raise ApiError("bad_checkpoint", f"no weights file at {uri}", field=field)
-        return path, sha256_file(path)
-
-    def _unpack_dataset(self, config: CompressionConfig, archive: Path) -> CompressionConfig:
+    def _unpack_dataset(self, job_id: str, config: CompressionConfig, archive_ref: str) -> str:
+        """Extract an uploaded archive next to it; return the imagefolder reference the
+        worker reads (with a remote store, the unpacked tree is uploaded there first)."""
+        archive = Path(archive_ref)
         target = archive.parent / "dataset"
         extract_archive(
             archive,
@@ -323,7 +467,8 @@ class JobService:
                 f"the archive holds {n_classes} classes, not {config.num_classes}",
                 field="spec.config.num_classes",
             )
-        return config.model_copy(update={"dataset": f"imagefolder:{root}"})
+        stored = self.storage.store_upload_tree(job_id, root)
+        return f"imagefolder:{stored}"
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, record: JobRecord) -> JobRecord:
@@ -333,5 +478,13 @@ class JobService:
         if updated is None:
             raise ApiError("not_found", f"no job {record.id}")
         if updated.state is JobState.cancelled and record.state is JobState.queued:
-            self.storage.remove_uploads(record.id)
+            remove_uploads(self.store, self.storage, record.id)
+        return updated
+
+    def delete_files(self, record: JobRecord) -> JobRecord:
+        """Remove a finished job's uploads, scratch and artifacts at its owner's request; the
+        record stays, marked expired (``deleted``), and its downloads then answer 410."""
+        updated = expire_job(self.store, self.storage, record.id, REASON_DELETED)
+        if updated is None:
+            raise ApiError("not_found", f"no job {record.id}")
         return updated

@@ -1,32 +1,45 @@
-"""Streaming multipart uploads: files go straight to disk with a size cap and a sha256.
+"""Streaming multipart uploads: files go straight to storage with a size cap and a sha256.
 
 Starlette's form parser spools file parts to temporary files without any size limit, so
 uploads are parsed here with python-multipart's low-level parser instead: every byte is
 counted as it arrives, the request is refused with 413 as soon as the cap is passed, and the
-parsing and disk writes run in a worker thread so the event loop keeps serving other clients.
+parsing and storage writes run in a worker thread so the event loop keeps serving other
+clients. Each file part is written to a ``worker.storage.Sink`` (a local file, or an S3
+multipart upload); a part that does not end cleanly is aborted, leaving nothing of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
 
-from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
+from worker.storage import Sink
 
 MAX_TEXT_FIELD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class RequestBody:
+    """What the write side needs of a request: its declared type and length, and the body as
+    a stream of chunks (built by ``api.deps.get_body``). Keeps the job service free of
+    Starlette's ``Request``."""
+
+    content_type: str | None
+    content_length: str | None
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
 class ReceivedFile:
-    path: Path
+    ref: str  # the sink's reference: a local path, or an s3:// URL
     size: int
     sha256: str
     filename: str | None
@@ -38,10 +51,42 @@ class ReceivedForm:
     files: dict[str, ReceivedFile] = field(default_factory=dict)
 
 
-def check_content_length(request: Request, limit: int) -> None:
+async def guarded_chunks(
+    chunks: AsyncIterator[bytes], *, idle_timeout_s: float, min_bytes_per_s: int
+) -> AsyncIterator[bytes]:
+    """``chunks``, refused with 408 ``request_timeout`` when nothing arrives for
+    ``idle_timeout_s`` or, once ``idle_timeout_s`` has passed, when the average rate falls
+    below ``min_bytes_per_s``: a client holding uploads open (or trickling them) must not keep
+    server connections, disk space and shutdown hostage. The 408 closes the connection."""
+    start = time.monotonic()
+    received = 0
+    iterator = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiError(
+                "request_timeout",
+                f"the request body sent nothing for {idle_timeout_s:g} s",
+                headers={"Connection": "close"},
+            ) from None
+        received += len(chunk)
+        elapsed = time.monotonic() - start
+        if elapsed > idle_timeout_s and received < min_bytes_per_s * elapsed:
+            raise ApiError(
+                "request_timeout",
+                f"the request body arrives slower than {min_bytes_per_s} bytes/s",
+                headers={"Connection": "close"},
+            )
+        yield chunk
+
+
+def check_content_length(body: RequestBody, limit: int) -> None:
     """Refuse early when the client announces a body over ``limit`` (chunked bodies are
     still counted as they stream)."""
-    declared = request.headers.get("content-length")
+    declared = body.content_length
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise payload_too_large(limit)
 
@@ -51,16 +96,14 @@ def payload_too_large(limit: int) -> ApiError:
 
 
 class _Receiver:
-    """python-multipart callbacks writing file parts to ``dest / file_fields[name]``."""
+    """python-multipart callbacks writing file parts to the sink ``file_fields[name]()``."""
 
     def __init__(
         self,
-        dest: Path,
-        file_fields: dict[str, str],
+        file_fields: dict[str, Callable[[], Sink]],
         text_fields: set[str],
         on_text: Callable[[str, str], None] | None,
     ) -> None:
-        self.dest = dest
         self.file_fields = file_fields
         self.text_fields = text_fields
         self.on_text = on_text
@@ -70,7 +113,7 @@ class _Receiver:
         self._headers: dict[str, bytes] = {}
         self._name: str | None = None
         self._filename: str | None = None
-        self._fh: IO[bytes] | None = None
+        self._fh: Sink | None = None
         self._digest: hashlib._Hash | None = None
         self._size = 0
         self._text = bytearray()
@@ -112,7 +155,7 @@ class _Receiver:
         raw_filename = params.get(b"filename")
         self._filename = raw_filename.decode("utf-8", "replace") if raw_filename else None
         if name in self.file_fields:
-            self._fh = (self.dest / self.file_fields[name]).open("xb")
+            self._fh = self.file_fields[name]()
             self._digest = hashlib.sha256()
         elif name not in self.text_fields:
             expected = sorted({*self.file_fields, *self.text_fields})
@@ -141,9 +184,9 @@ class _Receiver:
         self.in_part = False
         assert self._name is not None
         if self._fh is not None and self._digest is not None:
-            self._fh.close()
+            self._fh.commit()
             self.form.files[self._name] = ReceivedFile(
-                path=self.dest / self.file_fields[self._name],
+                ref=self._fh.ref,
                 size=self._size,
                 sha256=self._digest.hexdigest(),
                 filename=self._filename,
@@ -162,41 +205,42 @@ class _Receiver:
                 self.on_text(self._name, text)
 
     def close(self) -> None:
+        """Abort a part still being written (the body failed or ended inside it)."""
         if self._fh is not None:
-            self._fh.close()
+            self._fh.abort()
             self._fh = None
 
 
 async def receive_multipart(
-    request: Request,
-    dest: Path,
+    body: RequestBody,
     *,
-    file_fields: dict[str, str],
+    file_fields: dict[str, Callable[[], Sink]],
     text_fields: set[str],
     max_bytes: int,
     on_text: Callable[[str, str], None] | None = None,
 ) -> ReceivedForm:
-    """Stream a multipart/form-data body into ``dest``.
+    """Stream a multipart/form-data body into storage.
 
-    ``file_fields`` maps a form field to the file name it is written to; ``text_fields`` are
+    ``file_fields`` maps a form field to a factory of the sink it is written to (called when
+    the part begins); ``text_fields`` are
     kept in memory (up to 1 MiB each) and passed to ``on_text`` as soon as each one ends, so a
     bad spec sent before the weights is refused before the weights are read. Raises
     ``ApiError`` (413 past ``max_bytes``, 400 on malformed multipart, 422 on unknown fields);
-    the caller removes ``dest`` on failure.
+    the caller removes the files of parts already committed on failure.
     """
-    content_type, params = parse_options_header(request.headers.get("content-type"))
+    content_type, params = parse_options_header(body.content_type)
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise ApiError("unsupported_media_type", "expected multipart/form-data with a boundary")
-    check_content_length(request, max_bytes)
-    receiver = _Receiver(dest, file_fields, text_fields, on_text)
+    check_content_length(body, max_bytes)
+    receiver = _Receiver(file_fields, text_fields, on_text)
     try:
         parser = MultipartParser(boundary, receiver.callbacks())
     except MultipartParseError as exc:  # e.g. an over-long boundary
         raise ApiError("invalid_multipart", f"malformed multipart body: {exc}") from exc
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body.chunks:
             received += len(chunk)
             if received > max_bytes:
                 raise payload_too_large(max_bytes)

@@ -25,6 +25,8 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
+        # Tests name server-side weights under storage/models (weights_uri): share that folder.
+        overrides.setdefault("shared_weights_dirs", ["models"])
         settings = ApiSettings(
             redis_url=redis_url,
             key_prefix=key_prefix,

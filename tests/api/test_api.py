@@ -74,17 +74,17 @@ def test_submit_stores_the_job_and_queues_it_under_its_id(client: TestClient) ->
     assert Path(args[0]["weights"]).read_bytes() == b"weights"
 
 
-def test_json_body_with_weights_on_the_server(client: TestClient) -> None:
+def test_json_body_with_weights_on_the_server(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(shared_weights_dirs=["models"])
     models = storage_of(client).root / "models"
     models.mkdir()
     (models / "r18.safetensors").write_bytes(b"w" * 10)
     r = client.post("/v1/jobs", json={"config": CONFIG, "weights_uri": "models/r18.safetensors"})
     assert r.status_code == 202, r.text
-    r = client.post("/v1/jobs", json={"config": CONFIG, "weights_uri": "storage://models/nope"})
-    assert r.status_code == 422 and error_of(r)["field"] == "weights_uri"
-    for escape in ("../outside.bin", "/etc/passwd", "redis/jobs.rdb"):
-        r = client.post("/v1/jobs", json={"config": CONFIG, "weights_uri": escape})
-        assert r.status_code == 422 and error_of(r)["field"] == "weights_uri", escape
+    for refused in ("storage://models/nope", "../outside.bin", "/etc/passwd", "redis/jobs.rdb"):
+        r = client.post("/v1/jobs", json={"config": CONFIG, "weights_uri": refused})
+        assert r.status_code == 422 and error_of(r)["field"] == "weights_uri", refused
+        assert error_of(r)["code"] == "weights_not_found", refused
     r = client.post("/v1/jobs", json={"config": CONFIG})
     assert r.status_code == 422 and error_of(r)["field"] == "weights_uri"
 
@@ -123,7 +123,12 @@ def test_dataset_paths_resolve_inside_allowed_roots(client: TestClient, tmp_path
     ):
         r = post_job(client, {**CONFIG, "dataset": ref})
         assert r.status_code == 202, r.text
-        assert r.json()["config"]["dataset"] == f"imagefolder:{expected.resolve()}"
+        # Clients see their own reference; the job reads the pinned, resolved path.
+        assert r.json()["config"]["dataset"] == ref
+        record = store_of(client).get(r.json()["id"])
+        assert record is not None
+        assert record.dataset_path == f"imagefolder:{expected.resolve()}"
+        assert record.payload().library_config().dataset == record.dataset_path
 
 
 def test_uploaded_archive_becomes_an_imagefolder_reference(client: TestClient) -> None:
@@ -135,7 +140,9 @@ def test_uploaded_archive_becomes_an_imagefolder_reference(client: TestClient) -
     assert r.status_code == 202, r.text
     job = r.json()
     root = storage_of(client).uploads(job["id"]) / "dataset" / "pets"
-    assert job["config"]["dataset"] == f"imagefolder:{root}"
+    assert job["config"]["dataset"] == "upload"  # no server path in the job view
+    record = store_of(client).get(job["id"])
+    assert record is not None and record.dataset_path == f"imagefolder:{root}"
     assert job["dataset_sha256"] == hashlib.sha256(buf.getvalue()).hexdigest()
     assert sorted(p.name for p in root.iterdir()) == ["cat", "dog"]
 
@@ -225,18 +232,24 @@ def test_api_keys_authenticate_and_isolate_owners(
     assert client.delete(f"/v1/jobs/{job['id']}", headers=bob).status_code == 404
     assert client.get("/v1/jobs", headers=bob).json()["total"] == 0
     assert client.get("/v1/jobs", headers=alice).json()["total"] == 1
-    # Probes and the OpenAPI document stay open.
+    # Probes stay open; the documentation needs a key like the API it describes.
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
-    assert client.get("/openapi.json").status_code == 200
+    for page in ("/openapi.json", "/docs", "/redoc"):
+        assert client.get(page).status_code == 401, page
+        assert client.get(page, headers=bob).status_code == 200, page
 
 
 def test_idempotency_key_returns_the_same_job(client: TestClient) -> None:
     first = post_job(client, headers={"Idempotency-Key": "build-42"})
-    again = post_job(client, weights=b"other", headers={"Idempotency-Key": "build-42"})
+    again = post_job(client, headers={"Idempotency-Key": "build-42"})
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
+    # The key is bound to its request: other weights under the same key are refused.
+    other_weights = post_job(client, weights=b"other", headers={"Idempotency-Key": "build-42"})
+    assert other_weights.status_code == 422, other_weights.text
+    assert error_of(other_weights)["code"] == "idempotency_key_reused"
     other = post_job(client, headers={"Idempotency-Key": "build-43"})
     assert other.json()["id"] != first.json()["id"]
     assert client.get("/v1/jobs").json()["total"] == 2
@@ -256,7 +269,7 @@ def test_list_pages_and_filters(client: TestClient) -> None:
     assert client.get("/v1/jobs", params={"limit": 1000}).status_code == 422
 
 
-def test_cancel_queued_running_and_finished(client: TestClient) -> None:
+def test_cancel_queued_and_running_delete_finished(client: TestClient) -> None:
     store = store_of(client)
     queued = post_job(client).json()["id"]
     r = client.delete(f"/v1/jobs/{queued}")
@@ -273,8 +286,11 @@ def test_cancel_queued_running_and_finished(client: TestClient) -> None:
     done = post_job(client).json()["id"]
     store.start(done, max_redeliveries=2)
     store.finish(done, JobState.succeeded)
-    r = client.delete(f"/v1/jobs/{done}")
-    assert r.status_code == 409 and error_of(r)["code"] == "job_finished"
+    r = client.delete(f"/v1/jobs/{done}")  # a finished job: its files go, the record stays
+    assert r.status_code == 200 and r.json()["state"] == "succeeded"
+    assert r.json()["expired_reason"] == "deleted" and r.json()["expired_at"]
+    r = client.get(f"/v1/jobs/{done}/report")
+    assert r.status_code == 410 and error_of(r)["code"] == "artifacts_expired"
 
 
 def test_report_and_artifacts_come_from_the_manifest_only(client: TestClient) -> None:

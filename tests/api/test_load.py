@@ -1,10 +1,12 @@
 """Load on a real service: uvicorn on loopback (``flow-compress serve --no-worker``), a real
 Celery worker, the real Redis store.
 
-For a bounded minute, 200 concurrent clients poll job status while 20 clients submit tiny
-real jobs at once. Every request must succeed (no error, no transport failure), and no job
-may be lost: every submitted job runs to ``succeeded`` (the worker keeps working through the
-queue after the window) and its queue message is consumed.
+For a bounded 20 s, 100 concurrent clients poll job status while 8 clients submit tiny real
+jobs at once (bench/service measures throughput and latency; this test checks that nothing
+is lost or refused under concurrency, so it stays small enough for CI's 2 cores). Every
+request must succeed (no error, no transport failure), and no job may be lost: every submitted
+job runs to ``succeeded`` (the worker keeps working through the queue after the window) and
+its queue message is consumed.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from worker.broker import redis_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-POLLERS = 200
-SUBMITTERS = 20
-WINDOW_S = 60.0
+POLLERS = 100
+SUBMITTERS = 8
+WINDOW_S = 20.0
 POLL_INTERVAL_S = 0.5
 
 JOB: dict[str, Any] = {
@@ -99,7 +101,9 @@ def test_concurrent_polls_and_submissions_lose_nothing(
     (storage / "models").mkdir(parents=True)
     torch.manual_seed(0)
     save_weights(build_model("resnet18", 10, input_size=16), storage / "models/w.safetensors")
-    env = service_env(**settings_env(redis_url, key_prefix, storage))
+    env = service_env(
+        **settings_env(redis_url, key_prefix, storage), FLOW_COMPRESS_SHARED_WEIGHTS_DIRS="models"
+    )
     api, url = start_api(env, tmp_path / "api.log")
     worker = start_worker(env, tmp_path / "worker.log")
     try:
@@ -109,7 +113,7 @@ def test_concurrent_polls_and_submissions_lose_nothing(
         print(f"load: {requests} requests in {elapsed:.1f} s, {dict(stats)}")
         assert len(ids) == SUBMITTERS, stats
         assert set(stats) == {"submit 202", "poll ok"}, stats
-        assert stats["poll ok"] >= POLLERS * 10
+        assert stats["poll ok"] >= POLLERS * 5
 
         with httpx.Client(base_url=url, timeout=30) as http:
 

@@ -19,7 +19,7 @@ end-to-end tests, which use a real uvicorn on loopback.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -39,7 +39,8 @@ KEY = "key-schemathesis"
 def _run(client: TestClient, headers: dict[str, str] | None) -> int:
     """Every operation of the served spec, EXAMPLES_PER_OPERATION cases each (fewer for
     operations without inputs); returns the number of cases sent."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    # With keys configured the document itself needs one (the open server ignores it).
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app, headers={"X-API-Key": KEY})
     sent = 0
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -83,6 +84,62 @@ def test_generated_requests_never_5xx_and_conform_to_the_spec(
             assert store.get(folder.name) is not None, folder
 
 
+def _bounded_fields(
+    schema: dict[str, Any], components: dict[str, Any], path: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every numeric, string and array field of a JobSpec schema, with its dotted path."""
+    if "$ref" in schema:
+        schema = components[schema["$ref"].rsplit("/", 1)[1]]
+    for option in schema.get("anyOf", []):
+        if option.get("type") != "null":
+            yield from _bounded_fields(option, components, path)
+    if schema.get("type") == "object":
+        for name, sub in schema.get("properties", {}).items():
+            yield from _bounded_fields(sub, components, f"{path}.{name}" if path else name)
+    elif schema.get("type") in ("integer", "number", "string", "array"):
+        yield path, schema
+
+
+def test_every_spec_field_has_an_upper_bound_and_refuses_values_past_it(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """The property behind the bounds: no number, string or list a client sends is
+    unbounded, and one past any bound is a 422 naming that field (no job, no 5xx)."""
+    client = make_client(shared_weights_dirs=["models"])
+    models = storage_of(client).root / "models"
+    models.mkdir()
+    (models / "w.safetensors").write_bytes(b"w")
+    doc = client.get("/openapi.json").json()
+    components = doc["components"]["schemas"]
+    fields = dict(_bounded_fields(components["JobSpec"], components, ""))
+    unbounded = [
+        path
+        for path, schema in fields.items()
+        if not ({"maximum", "exclusiveMaximum", "maxLength", "maxItems", "enum", "pattern"}
+                & set(schema) or schema.get("items", {}).get("enum"))
+    ]  # fmt: skip
+    assert unbounded == [], unbounded
+    base = {"model": "resnet18", "dataset": "digits"}
+    checked = 0
+    for path, schema in fields.items():
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            continue
+        too_big = schema.get("maximum", schema.get("exclusiveMaximum"))
+        too_big = too_big + 1 if schema.get("type") == "integer" else too_big * 2 + 1
+        spec: dict[str, Any] = {"config": dict(base), "weights_uri": "models/w.safetensors"}
+        node = spec
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = too_big
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["field"] == path, (path, r.json())
+        checked += 1
+    assert checked >= 40, checked
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
 def test_the_spec_declares_the_error_responses(make_client: Callable[..., TestClient]) -> None:
     doc = make_client().get("/openapi.json").json()
     paths = doc["paths"]
@@ -97,9 +154,14 @@ def test_the_spec_declares_the_error_responses(make_client: Callable[..., TestCl
                 if status.startswith(("4", "5")):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
-    assert {"404", "409"} <= set(paths["/v1/jobs/{job_id}"]["delete"]["responses"])
-    assert {"413", "415", "422"} <= set(paths["/v1/jobs"]["post"]["responses"])
+    assert "404" in paths["/v1/jobs/{job_id}"]["delete"]["responses"]
+    assert {"413", "415", "422", "429"} <= set(paths["/v1/jobs"]["post"]["responses"])
+    for result in ("report", "artifacts", "artifacts/{name}"):
+        assert {"404", "409", "410"} <= set(
+            paths[f"/v1/jobs/{{job_id}}/{result}"]["get"]["responses"]
+        )
+    assert "/v1/usage" in paths
     assert "HTTPValidationError" not in doc["components"]["schemas"]
-    keyed = make_client(api_keys=KEY).get("/openapi.json").json()
+    keyed = make_client(api_keys=KEY).get("/openapi.json", headers={"X-API-Key": KEY}).json()
     assert "401" in keyed["paths"]["/v1/jobs"]["get"]["responses"]
     assert keyed["components"]["securitySchemes"]
