@@ -17,8 +17,8 @@ the three differ in the recovery loss alone. The ``kd`` run also builds the INT8
 
 Then every ONNX file (the base model exported here, the three pruned FP32 models and the three
 quantized ones) is timed with ONNX Runtime on the CPU in one process, round-robin, at batch 1
-and 32 (``flow_compress.latency.time_onnx_files``), and on CUDA too where ONNX Runtime has the
-CUDA provider. The table has GMACs, test top-1/top-5, file size and latency per row; quick
+and 32 (``flow_compress.measure.latency.time_onnx_files``), and on CUDA too where ONNX Runtime
+has the CUDA provider. The table has GMACs, test top-1/top-5, file size and latency per row; quick
 mode evaluates on the first ``max_eval_samples`` test images (the numbers say so).
 
 Writes ``results.json``, ``RESULTS.md``, ``combination.png`` and each run's report under
@@ -190,7 +190,7 @@ def time_all(
     import torch
 
     from flow_compress.config import LatencyConfig
-    from flow_compress.latency import time_onnx_files
+    from flow_compress.measure.latency import time_onnx_files
 
     cfg = LatencyConfig(
         batch_sizes=proto.batch_sizes, warmup=proto.warmup, runs=proto.runs, threads=proto.threads
@@ -411,11 +411,11 @@ def run(
     ONNX file together; returns the rows, the device labels and the reports by choice."""
     import torch
 
-    from flow_compress.export import export_onnx
+    from flow_compress.export import get_quantizer
+    from flow_compress.export.onnx import export_onnx
     from flow_compress.models import build_model, load_weights
     from flow_compress.pipeline import compress
     from flow_compress.plan import read_plan
-    from flow_compress.quantize import FILE_NAMES
 
     if DEFAULT_DISTILLATION not in distillations:
         raise ValueError(f"the {DEFAULT_DISTILLATION!r} run is needed (it is quantized)")
@@ -446,7 +446,7 @@ def run(
             write_json(reports_dir / f"{name}.json", rep.model_dump(mode="json"))
         default = reports[DEFAULT_DISTILLATION]
         for q in default.quantized:
-            files[q.mode] = work / DEFAULT_DISTILLATION / FILE_NAMES[q.mode]
+            files[q.mode] = work / DEFAULT_DISTILLATION / get_quantizer(q.mode).file
         num_classes = read_plan(work / DEFAULT_DISTILLATION / "plan.json").num_classes
         base = build_model(arch, num_classes, in_chans=in_chans, input_size=input_size)
         load_weights(base, weights)

@@ -167,7 +167,7 @@ def command_line() -> str:
 def machine() -> dict[str, Any]:
     """The hardware and software the numbers come from, with the load at the time: on a
     shared machine the load average says how much the timings can be trusted."""
-    from flow_compress.latency import environment
+    from flow_compress.measure.environment import environment
 
     env: dict[str, Any] = dict(environment())
     env["cpu_count"] = os.cpu_count() or 1
@@ -205,25 +205,23 @@ def machine_lines(env: dict[str, Any]) -> list[str]:
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write text atomically (the library's ``atomic_write_text``)."""
+    from flow_compress.artifacts import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub Markdown table; the first column is left-aligned, the others right-aligned."""
-    head = "| " + " | ".join(headers) + " |"
-    sep = "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|"
-    body = ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join([head, sep, *body])
+    """A GitHub Markdown table (the library's ``md_table``); the first column is
+    left-aligned, the others right-aligned."""
+    from flow_compress.report.markdown import md_table as table
+
+    align = "l" + "r" * (len(headers) - 1)
+    return "\n".join(table(headers, [list(r) for r in rows], align))
 
 
 def figure(width: float = 7.0, height: float = 4.5) -> tuple[Any, Any]:
@@ -253,13 +251,11 @@ def fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """The q-th percentile (0..100), ``numpy.percentile``'s linear interpolation; NaN for no
+    values."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else math.nan
 
 
 # --------------------------------------------------------------------------- base model

@@ -161,7 +161,7 @@ def time_pair(
     import torch
 
     from flow_compress.config import LatencyConfig
-    from flow_compress.latency import compare_latency
+    from flow_compress.measure.latency import compare_latency
 
     cfg = LatencyConfig(
         batch_sizes=proto.batch_sizes,
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
             variants.append(variant)
 
-    from flow_compress.latency import describe_device
+    from flow_compress.measure.environment import describe_device
 
     payload: dict[str, Any] = {
         "benchmark": NAME,

@@ -338,7 +338,7 @@ def run_one(
 
 def reusable_report(path: Path, cfg: Any) -> Any:
     """The ``CompressionReport`` at ``path`` if it exists and was made with exactly ``cfg``."""
-    from flow_compress.pipeline import load_report
+    from flow_compress.report import load_report
 
     if not path.is_file():
         return None

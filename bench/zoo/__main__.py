@@ -1,0 +1,5 @@
+import sys
+
+from bench.zoo.sweep import main
+
+sys.exit(main())
