@@ -242,8 +242,13 @@ class QuantizeConfig(_Frozen):
     activation_type: Literal["uint8", "int8"] = Field(
         "uint8", description="int8_static activations; ONNX Runtime's x86 kernels prefer uint8."
     )
-    reduce_range: bool = Field(
-        False, description="7-bit weights: avoids int16 saturation on x86 CPUs without VNNI."
+    reduce_range: bool | None = Field(
+        None,
+        description=(
+            "7-bit weights, so the uint8 x int8 products of ONNX Runtime's integer kernels on "
+            "x86 CPUs without VNNI (AVX2 only) cannot saturate their int16 sums. None: on for "
+            "int8_static, off for int8_dynamic (README, Quantization, has the measurements)."
+        ),
     )
     keep_classifier_fp32: bool = Field(
         True,

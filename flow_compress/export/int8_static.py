@@ -11,6 +11,13 @@ on the test fixtures (resnet18 on digits): with the classifier quantized, uint8 
 range of ~100 have a step of ~0.4 while 10 % of inputs have a top-2 margin below 0.2, and
 top-1 agreement with FP32 was 95.5 %; with it kept FP32 it was 98.9 %, at a cost of one small
 Gemm. More calibration data or other calibrators (entropy, percentile) did not help.
+
+Weights use 7 bits unless ``reduce_range`` says otherwise: ORT's u8 x s8 integer kernels on x86 CPUs
+without VNNI (AVX2 only) add pairs of products in int16 and saturate. Measured on an AVX2-only
+AMD EPYC: the resnet18 above (one input channel, 7x7 stem quantized per channel) agreed with
+FP32 on 81.9 % of the inputs with 8-bit weights, 98.6 % with 7-bit ones; the same QDQ file run
+without ORT's graph optimisations (no integer kernels) agreed on 98.6 % as well, so the loss
+was the kernel's, not the quantization's.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ def write(
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=cfg.per_channel,
-        reduce_range=cfg.reduce_range,
+        reduce_range=True if cfg.reduce_range is None else cfg.reduce_range,
         activation_type=QuantType.QUInt8 if cfg.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=classifier_nodes(src) if cfg.keep_classifier_fp32 else None,
