@@ -28,8 +28,8 @@ from celery import bootsteps
 from redis.exceptions import LockError
 
 from worker.broker import redis_client
-from worker.process import AFTER_POOL
 from worker.jobs import JobRecord, JobState
+from worker.process import AFTER_POOL
 from worker.settings import WorkerSettings
 from worker.storage import JOB_ID, Storage, open_storage
 from worker.store import JobStore

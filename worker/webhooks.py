@@ -37,9 +37,9 @@ from celery import bootsteps
 from pydantic import BaseModel, ConfigDict
 
 from worker.broker import redis_client
-from worker.process import AFTER_POOL
 from worker.jobs import JobError, JobRecord, JobState
 from worker.notify import DeliveryState, WebhookDelivery, WebhookUrlError, check_target_url
+from worker.process import AFTER_POOL
 from worker.settings import WorkerSettings
 from worker.store import JobStore
 
