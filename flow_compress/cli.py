@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flow_compress.errors import FlowCompressError
+from flow_compress.errors import FlowCompressError, InvalidConfigError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -99,12 +99,19 @@ def architectures(
 @app.command()
 def check(
     model: Annotated[
-        str, typer.Option(help="Model: resnet18, timm:NAME, torchvision:NAME, hf-hub:ORG/NAME.")
-    ],
+        str | None,
+        typer.Option(help="Model: resnet18, timm:NAME, torchvision:NAME, hf-hub:ORG/NAME."),
+    ] = None,
     weights: Annotated[Path | None, typer.Option(help="Weights to check against it.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A job's CompressionConfig JSON: check what that job would meet."),
+    ] = None,
     input_size: Annotated[int | None, typer.Option(help="Input side in pixels.")] = None,
     in_chans: Annotated[int, typer.Option()] = 3,
-    num_classes: Annotated[int, typer.Option()] = 10,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Default: the checkpoint's classifier width.")
+    ] = None,
     target_macs: Annotated[float, typer.Option(help="Fraction of base MACs to keep.")] = 0.3,
     max_layer_ratio: Annotated[
         float | None, typer.Option(help="Per-layer cap: fraction of a layer prunable.")
@@ -112,32 +119,47 @@ def check(
     formats: Annotated[
         str | None, typer.Option(help="Export formats to probe (default: all; none: skip).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the report (or the error) as JSON on stdout."),
+    ] = False,
 ) -> None:
     """Preflight in seconds on a CPU: weights fit, base MACs and params, prunable groups,
     layers left alone and why, stage-2 candidates, MACs reachable under the per-layer caps,
-    TorchScript and ONNX parity of the unpruned model. Exits 1 when a check fails."""
-    from flow_compress.config import ExportConfig, PruneConfig
-    from flow_compress.preflight import preflight
+    TorchScript and ONNX parity of the unpruned model. Exits 1 when a check fails, 2 on an
+    error (with --json, ``{"error": {"code", "message"}}`` on stdout)."""
+    from flow_compress.config import CompressionConfig, ExportConfig, PruneConfig
+    from flow_compress.preflight import preflight, preflight_config
 
     try:
-        prune = PruneConfig(**({"max_layer_ratio": max_layer_ratio} if max_layer_ratio else {}))
-        chosen = _split_list(formats)
-        export = ExportConfig(
-            parity_samples=4, **({"formats": tuple(chosen)} if chosen is not None else {})
-        )
-        report = preflight(
-            model,
-            weights=weights,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            input_size=input_size,
-            target_macs=target_macs,
-            prune=prune,
-            export=export,
-            caches=_caches(),
-        )
-    except (FlowCompressError, ValidationError) as exc:
+        if config is not None:
+            if model is not None:
+                raise InvalidConfigError("give --model or --config, not both")
+            job = CompressionConfig.model_validate_json(config.read_text())
+            report = preflight_config(job, weights=weights, caches=_caches())
+        else:
+            if model is None:
+                raise InvalidConfigError("--model (or --config) is required")
+            prune = PruneConfig(**({"max_layer_ratio": max_layer_ratio} if max_layer_ratio else {}))
+            chosen = _split_list(formats)
+            export = ExportConfig(
+                parity_samples=4, **({"formats": tuple(chosen)} if chosen is not None else {})
+            )
+            report = preflight(
+                model,
+                weights=weights,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                input_size=input_size,
+                target_macs=target_macs,
+                prune=prune,
+                export=export,
+                caches=_caches(),
+            )
+    except (FlowCompressError, ValidationError, OSError) as exc:
+        if as_json:
+            typer.echo(json.dumps({"error": _error_body(exc)}))
+            raise typer.Exit(2) from exc
         raise _fail(exc) from exc
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
@@ -145,6 +167,15 @@ def check(
         typer.echo(_describe_preflight(report))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _error_body(exc: Exception) -> dict[str, str]:
+    """The stable code and message of a failure, as the API's error bodies carry them."""
+    if isinstance(exc, FlowCompressError):
+        return {"code": str(getattr(exc.code, "value", exc.code)), "message": exc.message}
+    if isinstance(exc, ValidationError):
+        return {"code": "invalid_config", "message": str(exc)}
+    return {"code": "invalid_config", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def _describe_preflight(r: Any) -> str:

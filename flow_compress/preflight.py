@@ -22,87 +22,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from flow_compress.arch.blocks import find_candidates
 from flow_compress.arch.catalogue import WeightCaches
 from flow_compress.arch.surgery import classifier_path
-from flow_compress.config import ExportConfig, PruneConfig
+from flow_compress.config import CompressionConfig, ExportConfig, PruneConfig
 from flow_compress.errors import FlowCompressError
 from flow_compress.export import get_exporter
 from flow_compress.export.parity import check_parity
-from flow_compress.graph import PrunableGroup, PruningGraph, count_macs_params
-from flow_compress.models import build_model, load_weights, resolve_model
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class LeftAlone(_Frozen):
-    """A conv or linear layer whose output channels stage 1 does not prune."""
-
-    layer: str
-    type: str
-    reason: str
-
-
-class ExportProbe(_Frozen):
-    """One export format of the unpruned model: written, reloaded and compared."""
-
-    format: str
-    passed: bool
-    max_abs_diff: float | None = None
-    error: str | None = None
-
-
-class PreflightReport(_Frozen):
-    """The preflight's answer (see the module docstring). Fields a failed earlier check made
-    unanswerable are None (``forward_error``, ``graph_error`` say why)."""
-
-    model: str
-    architecture: str
-    family: str
-    num_classes: int
-    in_chans: int
-    input_size: int
-    weights: str  # "fit", "not_given" or "bad"
-    weights_error: str | None = None
-    forward_error: str | None = None
-    failing_layer: str | None = None
-    macs: int | None = None
-    params: int | None = None
-    graph_error: str | None = None
-    prunable_groups: int = 0
-    prunable_channels: int = 0
-    prunable_heads: int = 0
-    left_alone: list[LeftAlone] = []
-    stage2_candidates: list[str] = []
-    target_macs: float
-    reachable_macs: int | None = None
-    reachable_ratio: float | None = None
-    target_reachable: bool | None = None
-    exports: list[ExportProbe] = []
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """Every check passed and the target is reachable."""
-        return (
-            self.weights != "bad"
-            and self.forward_error is None
-            and self.graph_error is None
-            and bool(self.target_reachable)
-            and all(e.passed for e in self.exports)
-        )
+from flow_compress.graph import PruningGraph, count_macs_params
+from flow_compress.models import build_model, load_weights, read_state_dict, resolve_model
+from flow_compress.refs import known_num_classes, parse_dataset_ref
+from flow_compress.schema import ExportProbe, LeftAlone, PreflightReport
 
 
 def preflight(
     model: str,
     *,
     weights: str | Path | None = None,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     in_chans: int = 3,
     input_size: int | None = None,
     target_macs: float = 0.3,
@@ -115,22 +54,26 @@ def preflight(
     """Check ``model`` (any reference ``resolve_model`` takes) for a compression to
     ``target_macs`` of its MACs. Raises only for a name that does not resolve
     (``UnsupportedModelError``) or weights not in the caches (``WeightsNotAvailableError``);
-    every other problem is reported."""
+    every other problem is reported. ``num_classes`` None: the published weights' classes, or
+    the width of the given checkpoint's classifier, or 10."""
     started = time.perf_counter()
     prune = prune or PruneConfig()
     export = export or ExportConfig(parity_samples=4)
     resolved = resolve_model(model, caches=caches)
     size = input_size or resolved.spec.default_input_size
     torch.manual_seed(seed)
-    classes = resolved.num_classes if weights is None and resolved.weights else num_classes
-    net = build_model(
-        resolved.architecture, classes or num_classes, in_chans=in_chans, input_size=size
-    )
+    classes = num_classes
+    if classes is None and weights is None and resolved.weights:
+        classes = resolved.num_classes
+    if classes is None and weights is not None:
+        classes = _checkpoint_classes(resolved.architecture, weights, in_chans, size)
+    classes = classes or 10
+    net = build_model(resolved.architecture, classes, in_chans=in_chans, input_size=size)
     fields: dict[str, object] = {
         "model": model,
         "architecture": resolved.architecture,
         "family": resolved.spec.family,
-        "num_classes": classes or num_classes,
+        "num_classes": classes,
         "in_chans": in_chans,
         "input_size": size,
         "target_macs": target_macs,
@@ -159,6 +102,60 @@ def preflight(
     fields |= _graph_checks(net, x, prune, allow_projection, macs, target_macs)
     fields["exports"] = _export_checks(net, x, export)
     return PreflightReport(**fields, seconds=time.perf_counter() - started)  # type: ignore[arg-type]
+
+
+def preflight_config(
+    config: CompressionConfig,
+    *,
+    weights: str | Path | None = None,
+    caches: WeightCaches | None = None,
+    parity_samples: int = 4,
+) -> PreflightReport:
+    """The preflight of the job ``config`` describes (what ``submit`` and ``POST /v1/preflight``
+    run): its model, input shape, target, stage-1 caps, stage-2 projection rule and export
+    formats. The classes come from ``config.num_classes``, else from a dataset whose class
+    count is known without reading it, else as ``preflight`` finds them."""
+    classes = config.num_classes
+    if classes is None:
+        try:
+            classes = known_num_classes(parse_dataset_ref(config.dataset))
+        except FlowCompressError:
+            classes = None  # an upload or a folder: the checkpoint's head says
+    export = config.export.model_copy(
+        update={"parity_samples": min(parity_samples, config.export.parity_samples)}
+    )
+    return preflight(
+        config.model,
+        weights=weights,
+        num_classes=classes,
+        in_chans=config.in_chans,
+        input_size=config.input_size,
+        target_macs=config.target_macs,
+        prune=config.prune,
+        allow_projection=config.truncate.allow_projection,
+        export=export,
+        caches=caches,
+        seed=config.seed,
+    )
+
+
+def _checkpoint_classes(
+    architecture: str, weights: str | Path, in_chans: int, size: int
+) -> int | None:
+    """The number of outputs of the checkpoint's classifier (found by building the model once
+    to learn the classifier's name); None when the file or that tensor cannot be read (the
+    weights check then reports why)."""
+    try:
+        probe = build_model(architecture, 10, in_chans=in_chans, input_size=size)
+        head = classifier_path(probe)
+        state = read_state_dict(weights)
+    except Exception:
+        return None
+    for key in (f"{head}.weight", f"module.{head}.weight", f"model.{head}.weight"):
+        tensor = state.get(key)
+        if tensor is not None and tensor.ndim >= 1:
+            return int(tensor.shape[0])
+    return None
 
 
 @contextmanager
@@ -232,7 +229,9 @@ def _graph_checks(
     out["prunable_groups"] = len(groups)
     out["prunable_channels"] = sum(g.size for g in channels)
     out["prunable_heads"] = sum(g.size for g in groups if g.unit == "head")
-    out["left_alone"] = _left_alone(trial, groups, head)
+    out["left_alone"] = [
+        LeftAlone(layer=a.path, type=a.kind, reason=a.reason) for a in graph.ignored
+    ]
     try:
         cut = []
         for g in groups:
@@ -250,29 +249,6 @@ def _graph_checks(
         "reachable_ratio": reachable / macs if macs else None,
         "target_reachable": reachable <= target * macs,
     }
-    return out
-
-
-def _left_alone(model: nn.Module, groups: list[PrunableGroup], head: str) -> list[LeftAlone]:
-    """Conv and linear layers that produce no prunable group's channels, with the reason."""
-    producing = {p.name for g in groups for p in g.producers}
-    attention = {g.root_name for g in groups if g.unit == "head"}
-    out = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Conv2d | nn.Linear) or name in producing:
-            continue
-        if name == head:
-            reason = "the classifier: its outputs are the classes"
-        elif any(name.startswith(a + ".") for a in attention):
-            reason = "inside an attention layer: pruned by heads, not channels"
-        elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.groups > 1:
-            reason = "depthwise: follows the channels of the layer before it"
-        else:
-            reason = (
-                "its output channels are tied to something that cannot be sliced (a residual "
-                "sum with the input, a free parameter, an opaque block or the classifier)"
-            )
-        out.append(LeftAlone(layer=name, type=type(m).__name__, reason=reason))
     return out
 
 
@@ -297,4 +273,4 @@ def _export_checks(net: nn.Module, x: torch.Tensor, cfg: ExportConfig) -> list[E
     return probes
 
 
-__all__ = ["ExportProbe", "LeftAlone", "PreflightReport", "preflight"]
+__all__ = ["ExportProbe", "LeftAlone", "PreflightReport", "preflight", "preflight_config"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from flow_compress.config import CompressionConfig
 from flow_compress.contract import InputContract
@@ -228,13 +228,89 @@ class ProgressEvent:
     message: str = ""
 
 
+# --------------------------------------------------------------------------- preflight
+# Torch-free, like the rest of this module: the API answers POST /v1/preflight with these.
+
+
+class LeftAlone(_Model):
+    """A conv or linear layer (or an opaque block) whose output channels stage 1 does not
+    prune, and why."""
+
+    layer: str
+    type: str
+    reason: str
+
+
+class ExportProbe(_Model):
+    """One export format of the unpruned model: written, reloaded and compared."""
+
+    format: str
+    passed: bool
+    max_abs_diff: float | None = None
+    error: str | None = None
+
+
+class PreflightReport(_Model):
+    """What a compression of a model would meet, found without data or training
+    (``flow_compress.preflight``). Fields an earlier failed check made unanswerable are None
+    (``forward_error``, ``graph_error`` say why); ``ok`` sums it up."""
+
+    model: str
+    architecture: str
+    family: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    weights: str = Field(description="fit, not_given or bad")
+    weights_error: str | None = None
+    forward_error: str | None = None
+    failing_layer: str | None = None
+    macs: int | None = None
+    params: int | None = None
+    graph_error: str | None = None
+    prunable_groups: int = 0
+    prunable_channels: int = 0
+    prunable_heads: int = 0
+    left_alone: list[LeftAlone] = []
+    stage2_candidates: list[str] = []
+    target_macs: float
+    reachable_macs: int | None = None
+    reachable_ratio: float | None = None
+    target_reachable: bool | None = None
+    exports: list[ExportProbe] = []
+    seconds: float = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ok(self) -> bool:
+        """Every check passed and the target is reachable."""
+        return (
+            self.weights != "bad"
+            and self.forward_error is None
+            and self.graph_error is None
+            and bool(self.target_reachable)
+            and all(e.passed for e in self.exports)
+        )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ok(cls, data: object) -> object:
+        # ``ok`` is derived; a report read back from JSON carries it and must still validate.
+        if isinstance(data, dict) and "ok" in data:
+            data = {k: v for k, v in data.items() if k != "ok"}
+        return data
+
+
 __all__ = [
     "CombinationRow",
     "CompressionReport",
+    "ExportProbe",
     "Guarantee",
     "LatencyRecord",
+    "LeftAlone",
     "ModelMetrics",
     "ParityRecord",
+    "PreflightReport",
     "ProgressEvent",
     "QuantizedArtifact",
     "Stage",

@@ -389,7 +389,10 @@ class PruningGraph:
             elif isinstance(m, nn.Conv2d | nn.Linear) and path not in pruned:
                 if any(_within(path, o) for o in self.opaque_info) and path not in self._reasons:
                     continue  # inside a module already listed, and no group of its own
-                reason = self._reasons.get(path, "no prunable group has its output channels")
+                if path not in self._reasons and any(_within(path, h) for h in heads):
+                    reason = "inside an attention layer: pruned by whole heads, not channels"
+                else:
+                    reason = self._reasons.get(path, "no prunable group has its output channels")
                 out.append(LeftAlone(path, type(m).__name__, reason))
         return out
 
