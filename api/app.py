@@ -13,7 +13,8 @@ from api.errors import install_error_handlers
 from api.hashing import FileHasher
 from api.jobs import JobService
 from api.metrics import Metrics, RequestMetrics
-from api.routers import docs, events, health, jobs, metrics, usage, web
+from api.preflight import PreflightService
+from api.routers import docs, events, health, jobs, metrics, preflight, usage, web
 from api.routers.metrics import METRICS_PATH, METRICS_SCHEME
 from api.schemas import JobSpec
 from api.security import SecurityHeaders
@@ -73,10 +74,12 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.metrics = service_metrics
     app.state.storage = storage
     app.state.jobs = JobService(settings, store, storage, celery, hasher)
+    app.state.preflight = PreflightService(settings, app.state.jobs)
     app.state.events = events_reader
     install_error_handlers(app)
     app.add_middleware(SecurityHeaders)
     app.include_router(jobs.router)
+    app.include_router(preflight.router)
     app.include_router(health.router)
     app.include_router(docs.router)
     app.include_router(usage.router)

@@ -31,6 +31,7 @@ EXIT_USAGE = 2
 EXIT_THRESHOLD = 3
 EXIT_API_ERROR = 4
 EXIT_TIMEOUT = 5
+EXIT_PREFLIGHT = 6  # the preflight found a check that fails: nothing was submitted
 
 log = logging.getLogger("flow_compress.service")
 
@@ -357,10 +358,19 @@ def submit(
     ] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after this.")] = None,
+    preflight: Annotated[
+        bool,
+        typer.Option(
+            help="Check the job first (POST /v1/preflight) and submit only if it passes; "
+            "--no-preflight submits at once (the weights are uploaded once, not twice)."
+        ),
+    ] = True,
     server: Server = DEFAULT_SERVER,
     api_key: ApiKey = None,
 ) -> None:
-    """Submit a compression job; with --wait, exit 0 only if it succeeds within thresholds."""
+    """Submit a compression job; with --wait, exit 0 only if it succeeds within thresholds.
+    The job is preflighted first unless --no-preflight: a failed check exits 1 and submits
+    nothing."""
     archive = Path(dataset) if dataset and _is_archive(dataset) else None
     spec = build_spec(
         model=model,
@@ -379,6 +389,15 @@ def submit(
     )
     with Client(server, api_key) as client:
         try:
+            if preflight:
+                checked = client.preflight(spec, weights=weights)
+                typer.echo(_describe_preflight(checked))
+                if not checked.get("ok"):
+                    typer.echo(
+                        "error: preflight_failed: not submitted (--no-preflight skips the check)",
+                        err=True,
+                    )
+                    raise typer.Exit(EXIT_PREFLIGHT)
             job = client.submit(
                 spec, weights=weights, dataset_archive=archive, idempotency_key=idempotency_key
             )
@@ -392,6 +411,36 @@ def submit(
             _finish(client, job, download, fail_if_drop_above, fail_if_macs_ratio_above)
         except ApiClientError as exc:
             raise _fail(exc) from None
+
+
+def _describe_preflight(r: dict[str, Any]) -> str:
+    """The preflight report in a few lines: the failed checks first-hand, the rest summed up."""
+    lines = [f"preflight: {'ok' if r.get('ok') else 'FAILED'} ({r.get('seconds', 0):.1f} s)"]
+    if r.get("weights") == "bad":
+        lines.append(f"  weights do not fit: {r.get('weights_error')}")
+    if r.get("forward_error"):
+        lines.append(f"  forward pass failed in {r.get('failing_layer')}: {r['forward_error']}")
+        return "\n".join(lines)
+    if r.get("graph_error"):
+        lines.append(f"  pruning graph: {r['graph_error']}")
+    if r.get("macs") is not None:
+        lines.append(
+            f"  base {r['macs'] / 1e6:.2f} MMACs; {r.get('prunable_groups', 0)} prunable groups, "
+            f"{len(r.get('left_alone', []))} layers left alone, "
+            f"{len(r.get('stage2_candidates', []))} stage-2 candidates"
+        )
+    if r.get("reachable_ratio") is not None:
+        verdict = "reachable" if r.get("target_reachable") else "NOT reachable"
+        lines.append(
+            f"  target {r['target_macs']:.1%} of MACs: {verdict} (floor under the per-layer "
+            f"caps {r['reachable_ratio']:.1%})"
+        )
+    for e in r.get("exports", []):
+        if not e.get("passed"):
+            lines.append(
+                f"  export {e['format']} failed: {e.get('error') or e.get('max_abs_diff')}"
+            )
+    return "\n".join(lines)
 
 
 def _finish(

@@ -129,6 +129,18 @@ class Client:
                 files["dataset"] = (dataset_archive.name, fh, "application/octet-stream")
             return self._request("POST", "/v1/jobs", files=files, headers=headers).json()  # type: ignore[no-any-return]
 
+    def preflight(self, spec: dict[str, Any], *, weights: Path | None = None) -> dict[str, Any]:
+        """POST /v1/preflight with the spec (and weights) ``submit`` would send: the report,
+        whose ``ok`` says whether every check passed."""
+        if weights is None:
+            return self._request("POST", "/v1/preflight", json=spec).json()  # type: ignore[no-any-return]
+        with weights.open("rb") as fh:
+            files: dict[str, Any] = {
+                "spec": (None, json.dumps(spec), "application/json"),
+                "weights": (weights.name, fh, "application/octet-stream"),
+            }
+            return self._request("POST", "/v1/preflight", files=files).json()  # type: ignore[no-any-return]
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
 

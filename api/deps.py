@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from api.auth import authenticate, bearer_scheme, header_scheme
 from api.jobs import JobService
 from api.metrics import Metrics
+from api.preflight import PreflightService
 from api.settings import ApiSettings
 from api.streams import EventReader
 from api.uploads import RequestBody, guarded_chunks
@@ -49,6 +50,10 @@ async def get_storage(request: Request) -> Storage:
 
 async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs  # type: ignore[no-any-return]
+
+
+async def get_preflight(request: Request) -> PreflightService:
+    return request.app.state.preflight  # type: ignore[no-any-return]
 
 
 async def get_openapi(request: Request) -> dict[str, Any]:
@@ -101,6 +106,7 @@ ReaderDep = Annotated[AsyncJobReader, Depends(get_reader)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
+PreflightDep = Annotated[PreflightService, Depends(get_preflight)]
 EventsDep = Annotated[EventReader, Depends(get_events)]
 BodyDep = Annotated[RequestBody, Depends(get_body)]
 OwnerDep = Annotated[str, Depends(require_owner)]

@@ -49,6 +49,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "quota_exceeded": 429,
     "invalid_archive": 422,
     "broker_unavailable": 503,
+    "preflight_busy": 503,
     "storage_unavailable": 503,
     # every library and job code (flow_compress.errors.ErrorCode); most end jobs rather than
     # requests, but a request refused by the library gets the same status as a job would

@@ -66,6 +66,15 @@ class ApiSettings(WorkerSettings):
         return None if v == "" else v
 
     # Quotas per key (0 = unlimited), checked atomically at submission (worker.usage).
+    preflight_concurrency: int = Field(
+        1, ge=1, le=64, description="Preflights (POST /v1/preflight) run at once per API process."
+    )
+    preflight_queue_s: float = Field(
+        15.0, gt=0, le=600, description="Wait for a free preflight slot before answering 503."
+    )
+    preflight_timeout_s: float = Field(
+        180.0, gt=0, le=3600, description="A preflight child running longer is stopped (504)."
+    )
     quota_jobs: int = Field(0, ge=0, description="Queued plus running jobs per key.")
     quota_bytes: int = Field(0, ge=0, description="Stored upload and artifact bytes per key.")
     quota_retry_after_s: int = Field(60, ge=1, description="Retry-After of a 429.")

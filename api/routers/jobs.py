@@ -75,7 +75,7 @@ def _succeeded(record: JobRecord) -> None:
         )
 
 
-_CREATE_BODY = {
+CREATE_BODY: dict[str, Any] = {
     "required": True,
     "content": {
         "multipart/form-data": {
@@ -113,7 +113,7 @@ _CREATE_BODY = {
     status_code=202,
     response_model=JobView,
     responses=_CREATE_ERRORS,
-    openapi_extra={"requestBody": _CREATE_BODY},
+    openapi_extra={"requestBody": CREATE_BODY},
     summary="Submit a compression job",
 )
 async def create_job(

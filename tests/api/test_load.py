@@ -1,7 +1,7 @@
 """Load on a real service: uvicorn on loopback (``flow-compress serve --no-worker``), a real
 Celery worker, the real Redis store.
 
-For a bounded 20 s, 100 concurrent clients poll job status while 8 clients submit tiny real
+For a bounded 12 s, 100 concurrent clients poll job status while 4 clients submit tiny real
 jobs at once (bench/service measures throughput and latency; this test checks that nothing
 is lost or refused under concurrency, so it stays small enough for CI's 2 cores). Every
 request must succeed (no error, no transport failure), and no job may be lost: every submitted
@@ -34,8 +34,8 @@ from worker.broker import redis_client
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 POLLERS = 100
-SUBMITTERS = 8
-WINDOW_S = 20.0
+SUBMITTERS = 4
+WINDOW_S = 12.0
 POLL_INTERVAL_S = 0.5
 
 JOB: dict[str, Any] = {

@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
+from api.cli import EXIT_PREFLIGHT
+
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT_S = 90
 UPLOAD_CAP = 60 * 1024**2  # resnet18's weights (45 MB) fit, the oversize upload does not
@@ -216,8 +218,13 @@ def test_job_succeeds_with_rising_progress_and_onnx_matches_report(
         text=True,
     )  # fmt: skip
     assert client.stdout is not None
-    first = client.stdout.readline().split()
-    assert first[0] == "job" and first[2] == "queued", first
+    # submit preflights the job first (POST /v1/preflight), then submits it.
+    preflight = [client.stdout.readline()]
+    while not preflight[-1].startswith("job ") and preflight[-1]:
+        preflight.append(client.stdout.readline())
+    assert preflight[0].startswith("preflight: ok"), preflight
+    first = preflight[-1].split()
+    assert first[0] == "job" and first[2] == "queued", preflight
     job_id = first[1]
 
     seen = poll(service, job_id)
@@ -241,6 +248,78 @@ def test_job_succeeds_with_rising_progress_and_onnx_matches_report(
     top1, n = onnx_top1(download / "model.onnx", TINY)
     # Same images, same preprocessing: at most one image may flip on float noise.
     assert abs(top1 - report["pruned"]["top1"]) <= 100.0 / n + 1e-6, (top1, report["pruned"])
+
+
+# A timm architecture no family rules were written for (the structural rules handle it).
+AUTO_MODEL = "timm:regnetx_002"
+
+
+@pytest.fixture(scope="module")
+def timm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A timm checkpoint as a user holds one: the model trained briefly on digits (grey,
+    16 px) by plain PyTorch, saved as a state dict."""
+    import torch
+
+    from flow_compress.arch import AUTO_FAMILY
+    from flow_compress.config import DataConfig
+    from flow_compress.data import load_dataset
+    from flow_compress.models import build_model, resolve_model
+
+    assert resolve_model(AUTO_MODEL).spec.family == AUTO_FAMILY  # no hand-written rules
+    torch.manual_seed(0)
+    model = build_model(AUTO_MODEL, 10, in_chans=1, input_size=16)
+    data = load_dataset("digits", input_size=16, in_chans=1, config=DataConfig())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = data.forever(64, seed=0)
+    model.train()
+    for _ in range(150):
+        x, y = next(batches)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("timm") / "pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_a_timm_checkpoint_compressed_over_http_deploys_from_its_contract_alone(
+    service: Service, timm_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The acceptance of "bring your own model": a timm checkpoint of a family without
+    hand-written rules goes through the HTTP API; the downloaded ONNX model, fed raw uint8
+    images prepared from nothing but the contract in its metadata, reproduces the report's
+    top-1 within 0.5 points."""
+    from flow_compress.config import CompressionConfig
+    from flow_compress.data import load_dataset
+    from tests.flow_compress.test_contract import (
+        deploy_contract,
+        deploy_normalise,
+        deploy_resize,
+        onnx_predict,
+    )
+
+    config = {**TINY, "model": AUTO_MODEL, "in_chans": 1}
+    job_id = submit_http(service, config, timm_checkpoint)
+    final = poll(service, job_id)[-1]
+    assert final["state"] == "succeeded", f"{final}\n{service.log.read_text()[-4000:]}"
+    with service.http() as http:
+        report = http.get(f"/v1/jobs/{job_id}/report").json()
+        model = tmp_path / "model.onnx"
+        model.write_bytes(http.get(f"/v1/jobs/{job_id}/artifacts/model.onnx").content)
+    assert report["model"] == AUTO_MODEL and report["macs_ratio"] < 1.0
+
+    # The test split as a deployment holds it: uint8 images at their stored 8x8 size.
+    cfg = CompressionConfig.model_validate(config)
+    data = load_dataset(cfg.dataset, input_size=16, in_chans=1, config=cfg.data)
+    images = data.test.images.permute(0, 2, 3, 1).numpy()  # type: ignore[attr-defined]
+    labels = data.test.labels.numpy()  # type: ignore[attr-defined]
+    contract = deploy_contract(model)
+    assert contract["resize"]["size"] == [16, 16] and images.shape[1] == 8
+    x = deploy_normalise(deploy_resize(images, contract), contract)
+    predicted = onnx_predict(model, contract["input_name"], x).argmax(1)
+    top1 = float((predicted == labels).mean() * 100)
+    assert top1 > 30, "the checkpoint was trained: far above the 10 % of chance"
+    assert abs(top1 - report["pruned"]["top1"]) <= 0.5, (top1, report["pruned"]["top1"])
 
 
 def test_cancel_stops_a_running_job_and_a_cancelled_queued_job_never_starts(
@@ -278,11 +357,21 @@ def test_bad_weights_fail_with_bad_checkpoint_through_the_ci_client(
 ) -> None:
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 1024)
-    result = cli(
+    args = [
         "submit", "--server", service.url, "--model", "resnet18", "--dataset", "digits",
         "--weights", str(garbage), "--set", "input_size=16", "--set", "device=cpu",
-        "--wait", "--poll-interval", "0.3",
-    )  # fmt: skip
+        "--set", 'export.formats=["torchscript"]', "--wait", "--poll-interval", "0.3",
+    ]  # fmt: skip
+    # The preflight sees it first: nothing is submitted.
+    with service.http() as http:
+        before = http.get("/v1/jobs").json()["total"]
+    checked = cli(*args)
+    assert checked.returncode == EXIT_PREFLIGHT, checked
+    assert "weights do not fit" in checked.stdout and "preflight_failed" in checked.stderr
+    with service.http() as http:
+        assert http.get("/v1/jobs").json()["total"] == before
+    # Submitted anyway, the worker refuses them with the same code.
+    result = cli(*args, "--no-preflight")
     assert result.returncode == 1, result
     assert "error: bad_checkpoint:" in result.stderr
     job_id = result.stdout.split()[1]
