@@ -25,12 +25,7 @@ from api.hashing import FileHasher
 from api.limits import check_job
 from api.schemas import UPLOAD_DATASET, JobSpec
 from api.settings import ApiSettings
-from api.uploads import (
-    MAX_TEXT_FIELD_BYTES,
-    RequestBody,
-    check_content_length,
-    receive_multipart,
-)
+from api.uploads import RequestBody, read_json_body, receive_multipart
 from api.weights import WEIGHTS_FILE, WeightsPolicy
 from flow_compress.arch import list_architectures
 from flow_compress.arch.catalogue import resolve_name
@@ -220,15 +215,7 @@ class JobService:
         return _Draft(record, fingerprint(spec, uploaded, dataset_sha256))
 
     async def _from_json(self, body: RequestBody, job_id: str, owner: str) -> _Draft:
-        check_content_length(body, MAX_TEXT_FIELD_BYTES)
-        raw = bytearray()
-        async for chunk in body.chunks:
-            raw.extend(chunk)
-            if len(raw) > MAX_TEXT_FIELD_BYTES:
-                raise ApiError(
-                    "payload_too_large", f"a JSON body is limited to {MAX_TEXT_FIELD_BYTES} bytes"
-                )
-        spec = self.parse_spec(bytes(raw), "")
+        spec = self.parse_spec(await read_json_body(body), "")
         if not spec.weights_uri and not weights_from_cache(spec.config):
             raise ApiError(
                 "validation_error",

@@ -35,7 +35,7 @@ from api.errors import STATUS_BY_CODE, ApiError
 from api.jobs import JobService
 from api.schemas import JobSpec
 from api.settings import ApiSettings
-from api.uploads import MAX_TEXT_FIELD_BYTES, RequestBody, check_content_length, receive_multipart
+from api.uploads import RequestBody, read_json_body, receive_multipart
 from flow_compress.schema import PreflightReport
 from worker.process import die_with_parent
 from worker.storage import FileSink
@@ -103,16 +103,7 @@ class PreflightService:
                     raise ApiError("bad_checkpoint", "the weights file is empty", field="weights")
                 return spec, Path(uploaded.ref)
         elif content_type == "application/json":
-            check_content_length(body, MAX_TEXT_FIELD_BYTES)
-            raw = bytearray()
-            async for chunk in body.chunks:
-                raw.extend(chunk)
-                if len(raw) > MAX_TEXT_FIELD_BYTES:
-                    raise ApiError(
-                        "payload_too_large",
-                        f"a JSON body is limited to {MAX_TEXT_FIELD_BYTES} bytes",
-                    )
-            spec, prefix = self.jobs.parse_spec(bytes(raw), ""), ""
+            spec, prefix = self.jobs.parse_spec(await read_json_body(body), ""), ""
         else:
             raise ApiError(
                 "unsupported_media_type",

@@ -91,6 +91,20 @@ def check_content_length(body: RequestBody, limit: int) -> None:
         raise payload_too_large(limit)
 
 
+async def read_json_body(body: RequestBody) -> bytes:
+    """A JSON request body, refused with 413 past ``MAX_TEXT_FIELD_BYTES`` (announced or
+    counted while it streams)."""
+    check_content_length(body, MAX_TEXT_FIELD_BYTES)
+    raw = bytearray()
+    async for chunk in body.chunks:
+        raw.extend(chunk)
+        if len(raw) > MAX_TEXT_FIELD_BYTES:
+            raise ApiError(
+                "payload_too_large", f"a JSON body is limited to {MAX_TEXT_FIELD_BYTES} bytes"
+            )
+    return bytes(raw)
+
+
 def payload_too_large(limit: int) -> ApiError:
     return ApiError("payload_too_large", f"the request body exceeds the {limit}-byte limit")
 
