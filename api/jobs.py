@@ -25,7 +25,7 @@ from api.hashing import FileHasher
 from api.limits import check_job
 from api.schemas import UPLOAD_DATASET, JobSpec
 from api.settings import ApiSettings
-from api.uploads import RequestBody, read_json_body, receive_multipart
+from api.uploads import ReceivedFile, RequestBody, read_json_body, receive_multipart
 from api.weights import WEIGHTS_FILE, WeightsPolicy
 from flow_compress.arch import list_architectures
 from flow_compress.arch.catalogue import resolve_name
@@ -74,6 +74,21 @@ class _Draft:
 
     record: JobRecord
     fingerprint: str
+
+
+def check_uploaded_weights(spec: JobSpec, weights: ReceivedFile | None) -> None:
+    """An uploaded weights file excludes ``spec.weights_uri`` and must not be empty (the same
+    rule for a job and for its preflight)."""
+    if weights is None:
+        return
+    if spec.weights_uri:
+        raise ApiError(
+            "validation_error",
+            "send either a weights file or spec.weights_uri, not both",
+            field="weights",
+        )
+    if weights.size == 0:
+        raise ApiError("bad_checkpoint", "the weights file is empty", field="weights")
 
 
 class JobService:
@@ -161,14 +176,7 @@ class JobService:
             raise ApiError("validation_error", "the spec form field is required", field="spec")
         spec = specs[0]
         weights = form.files.get("weights")
-        if weights is not None and spec.weights_uri:
-            raise ApiError(
-                "validation_error",
-                "send either a weights file or spec.weights_uri, not both",
-                field="weights",
-            )
-        if weights is not None and weights.size == 0:
-            raise ApiError("bad_checkpoint", "the weights file is empty", field="weights")
+        check_uploaded_weights(spec, weights)
 
         config = spec.config
         archive = form.files.get("dataset")

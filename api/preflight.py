@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import STATUS_BY_CODE, ApiError
-from api.jobs import JobService
+from api.jobs import JobService, check_uploaded_weights
 from api.schemas import JobSpec
 from api.settings import ApiSettings
 from api.uploads import RequestBody, read_json_body, receive_multipart
@@ -92,15 +92,8 @@ class PreflightService:
                 raise ApiError("validation_error", "the spec form field is required", field="spec")
             spec, prefix = specs[0], "spec."
             uploaded = form.files.get("weights")
+            check_uploaded_weights(spec, uploaded)
             if uploaded is not None:
-                if spec.weights_uri:
-                    raise ApiError(
-                        "validation_error",
-                        "send either a weights file or spec.weights_uri, not both",
-                        field="weights",
-                    )
-                if uploaded.size == 0:
-                    raise ApiError("bad_checkpoint", "the weights file is empty", field="weights")
                 return spec, Path(uploaded.ref)
         elif content_type == "application/json":
             spec, prefix = self.jobs.parse_spec(await read_json_body(body), ""), ""

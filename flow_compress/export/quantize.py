@@ -40,7 +40,7 @@ from flow_compress.config import LatencyConfig, QuantizeConfig
 from flow_compress.data import DataSplits
 from flow_compress.errors import QuantizationError, QuantizationParityError
 from flow_compress.export import INPUT_NAME, OUTPUT_NAME, get_quantizer
-from flow_compress.export.onnx import export_onnx, run_logits, session
+from flow_compress.export.onnx import export_onnx, read_metadata, run_logits, session
 from flow_compress.measure.latency import time_onnx_files
 from flow_compress.schema import CombinationRow, QuantizedArtifact
 
@@ -162,7 +162,7 @@ def _keep_metadata(fp32: Path, staged: Path) -> None:
     """Copy ``fp32``'s ``metadata_props`` the quantization tools dropped into ``staged``."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    props = read_metadata(fp32)
     model = onnx.load(str(staged))
     have = {p.key: p.value for p in model.metadata_props}
     if all(have.get(k) == v for k, v in props.items()):
