@@ -16,6 +16,7 @@ import typer
 from pydantic import ValidationError
 
 from flow_compress.errors import FlowCompressError, InvalidConfigError
+from flow_compress.schema import TARGET_SLACK
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -123,6 +124,13 @@ def check(
         bool,
         typer.Option("--json", help="Print the report (or the error) as JSON on stdout."),
     ] = False,
+    deployment_check: Annotated[
+        bool,
+        typer.Option(
+            help="Check that this machine can run the config's deployment (the service "
+            "turns it off: it checks against its workers)."
+        ),
+    ] = True,
 ) -> None:
     """Preflight in seconds on a CPU: weights fit, base MACs and params, prunable groups,
     layers left alone and why, stage-2 candidates, MACs reachable under the per-layer caps,
@@ -136,7 +144,9 @@ def check(
             if model is not None:
                 raise InvalidConfigError("give --model or --config, not both")
             job = CompressionConfig.model_validate_json(config.read_text())
-            report = preflight_config(job, weights=weights, caches=_caches())
+            report = preflight_config(
+                job, weights=weights, caches=_caches(), check_deployment=deployment_check
+            )
         else:
             if model is None:
                 raise InvalidConfigError("--model (or --config) is required")
@@ -197,7 +207,9 @@ def _describe_preflight(r: Any) -> str:
     )
     lines += [f"  {a.layer} ({a.type}): {a.reason}" for a in r.left_alone[:20]]
     lines.append(f"stage-2 candidates: {len(r.stage2_candidates)}")
-    if r.reachable_macs is not None:
+    if r.deployment_error is not None:
+        lines.append(f"deployment: {mark[False]} {r.deployment_error}")
+    if r.reachable_macs is not None and r.target_macs is not None:
         lines.append(
             f"target {r.target_macs:.1%}: reachable {mark[r.target_reachable]} — every group "
             f"at its cap leaves {r.reachable_macs / 1e6:.2f} MMACs ({r.reachable_ratio:.1%})"
@@ -323,7 +335,38 @@ def compress(
     pretrained: Annotated[
         bool, typer.Option(help="Start from published weights in the local caches.")
     ] = False,
-    target_macs: Annotated[float, typer.Option(help="Fraction of base MACs to keep.")] = 0.3,
+    target_macs: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of base MACs to keep (default 0.3 unless a latency target is given)."
+        ),
+    ] = None,
+    target_latency_ms: Annotated[
+        float | None, typer.Option(help="Latency to reach on the deployment, ms per batch.")
+    ] = None,
+    target_speedup: Annotated[
+        float | None, typer.Option(help="Speed-up over the base to reach on the deployment.")
+    ] = None,
+    deploy_runtime: Annotated[
+        str | None,
+        typer.Option(help="Deployment runtime: onnxruntime (default), torchscript or eager."),
+    ] = None,
+    deploy_device: Annotated[str | None, typer.Option(help="Deployment device: cpu or cuda.")] = (
+        None
+    ),
+    deploy_provider: Annotated[
+        str | None,
+        typer.Option(help="ONNX Runtime on CUDA: default (its CUDA provider) or tensorrt."),
+    ] = None,
+    deploy_batch: Annotated[int | None, typer.Option(help="Deployment batch size.")] = None,
+    deploy_threads: Annotated[
+        int | None, typer.Option(help="Deployment intra-op threads (default: the runtime's).")
+    ] = None,
+    deploy_dtype: Annotated[str | None, typer.Option(help="fp32 (default) or fp16.")] = None,
+    latency_cache: Annotated[
+        Path,
+        typer.Option(help="Folder of the latency cost model's layer tables (reused by runs)."),
+    ] = Path.home() / ".cache" / "flow-compress" / "latency",
     max_drop: Annotated[float, typer.Option(help="Accuracy budget, top-1 points.")] = 1.5,
     steps: Annotated[int | None, typer.Option(help="Stage-1 steps K.")] = None,
     schedule: Annotated[str | None, typer.Option(help="decay or paper.")] = None,
@@ -400,7 +443,8 @@ def compress(
         ),
     ] = None,
 ) -> None:
-    """Compress a model to a MACs target within an accuracy budget; writes every artifact."""
+    """Compress a model to a MACs and/or latency target within an accuracy budget; writes
+    every artifact."""
     from rich.console import Console
 
     from flow_compress.config import CompressionConfig, set_dotted
@@ -410,13 +454,24 @@ def compress(
     raw.update(
         model=model,
         dataset=dataset,
-        target_macs=target_macs,
         max_drop=max_drop,
         in_chans=in_chans,
         device=device,
         seed=seed,
     )
+    deployment = {
+        "deployment.runtime": deploy_runtime,
+        "deployment.device": deploy_device,
+        "deployment.provider": deploy_provider,
+        "deployment.batch_size": deploy_batch,
+        "deployment.threads": deploy_threads,
+        "deployment.dtype": deploy_dtype,
+    }
     for key, value in {
+        "target_macs": target_macs,
+        "target_latency_ms": target_latency_ms,
+        "target_speedup": target_speedup,
+        **deployment,
         "input_size": input_size,
         "num_classes": num_classes,
         "prune.steps": steps,
@@ -449,7 +504,12 @@ def compress(
     console = Console(stderr=True)
     try:
         cfg = CompressionConfig.model_validate(raw)
-        run = functools.partial(run_compress, checkpoint_dir=checkpoint_dir, caches=_caches())
+        run = functools.partial(
+            run_compress,
+            checkpoint_dir=checkpoint_dir,
+            caches=_caches(),
+            latency_cache=latency_cache,
+        )
         report = _run_with_progress(console, run, cfg, weights, out, overwrite)
     except (FlowCompressError, ValidationError) as exc:
         raise _fail(exc) from exc
@@ -470,17 +530,36 @@ def compress(
 
 
 def _verdicts(report: CompressionReport) -> str:
-    """The run's verdicts in one line: MACs target and output bound."""
-    target = f"{report.config.target_macs:.1%} of the base MACs"
-    if report.target_met is None:  # a report of schema version 1
-        parts = [f"target {target}: not judged"]
-    elif report.target_met:
-        parts = [f"target met: {report.macs_ratio:.1%} <= {target}"]
-    else:
-        parts = [
-            f"target MISSED: {report.macs_ratio:.1%} > {target} within the accuracy budget "
-            "(published anyway: on_target_missed=publish)"
-        ]
+    """The run's verdicts in one line: MACs and latency targets, speed-up, output bound."""
+    parts = []
+    if report.config.target_macs is not None:
+        target = f"{report.config.target_macs:.1%} of the base MACs"
+        macs_met = report.macs_ratio <= report.config.target_macs * TARGET_SLACK
+        if report.target_met is None:  # a report of schema version 1
+            parts.append(f"target {target}: not judged")
+        elif macs_met:
+            parts.append(f"MACs target met: {report.macs_ratio:.1%} <= {target}")
+        else:
+            parts.append(f"MACs target MISSED: {report.macs_ratio:.1%} > {target}")
+    d = report.deployment
+    if d is not None:
+        parts.append(
+            f"on {d.deployment}: {d.base_ms:.3g} → {d.pruned_ms:.3g} ms, {d.speedup:.2f}× "
+            f"({d.verdict})"
+        )
+        if d.latency_target_met is not None:
+            wanted = " and ".join(
+                t
+                for t in (
+                    f"{d.target_latency_ms:g} ms" if d.target_latency_ms is not None else "",
+                    f"{d.target_speedup:g}×" if d.target_speedup is not None else "",
+                )
+                if t
+            )
+            state = "met" if d.latency_target_met else "MISSED"
+            parts.append(f"latency target {wanted} {state}")
+    if report.target_met is False:
+        parts.append("(missed within the accuracy budget; published anyway: on_target_missed)")
     g = report.guarantee
     if g is not None and g.holds is not None:
         state = "holds" if g.holds else "EXCEEDED"

@@ -11,7 +11,7 @@ when it is generated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -21,7 +21,7 @@ from flow_compress.criteria import list_criteria
 from flow_compress.export import list_exporters, list_quantizers, list_runtimes
 
 Schedule = Literal["decay", "paper"]
-Ranking = Literal["score", "score_per_mac", "auto"]
+Ranking = Literal["score", "score_per_mac", "score_per_ms", "auto"]
 Distillation = Literal["kd", "kd_features", "none"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 OnTargetMissed = Literal["publish", "fail"]
@@ -72,8 +72,10 @@ class PruneConfig(_Frozen):
         "score",
         description=(
             "Global order of removal: lowest score first (the paper's, and the default: it "
-            "measured best in bench/quality), lowest score per MAC saved, or auto (both each "
-            "step, keep the better on calibration data before recovery)."
+            "measured best in bench/quality), lowest score per MAC saved, lowest score per "
+            "millisecond saved on the deployment (measured cost model; the default when a "
+            "latency target is given), or auto (score and score_per_mac each step, keep the "
+            "better on calibration data before recovery)."
         ),
     )
     consumer_weighting: bool = Field(
@@ -210,6 +212,73 @@ class LatencyConfig(_Frozen):
     threads: int | None = Field(None, ge=1, le=256)
 
 
+class DeploymentConfig(_Frozen):
+    """Where the pruned model will run: the runtime, device and batch a latency target
+    (``target_latency_ms``, ``target_speedup``) is measured on, and the cost model is built
+    for.
+
+    ``runtime`` is a registered latency runtime (``eager``, ``torchscript``, ``onnxruntime``).
+    ``device`` ``cuda`` runs torch on the GPU and ONNX Runtime with its CUDA execution
+    provider, or its TensorRT provider with ``provider="tensorrt"``. A deployment this machine
+    cannot run (no GPU, no such provider, float16 on a CPU) is refused with
+    ``deployment_unavailable`` before any work starts. ``fp16`` is float16 weights and
+    compute (CUDA only). ``threads`` fixes the intra-op threads of torch and ONNX Runtime
+    (None: the runtime's default), as the serving process would.
+    """
+
+    runtime: Runtime = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+    provider: Literal["default", "tensorrt"] = Field(
+        "default", description="ONNX Runtime on CUDA: its CUDA provider, or TensorRT's."
+    )
+    batch_size: int = Field(1, ge=1, le=1024)
+    threads: int | None = Field(None, ge=1, le=256)
+    dtype: Literal["fp32", "fp16"] = "fp32"
+    warmup: int = Field(5, ge=0, le=1000, description="Untimed runs before each measurement.")
+    runs: int = Field(
+        25, ge=3, le=10_000, description="Timed runs per end-to-end measurement (median)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentConfig:
+        if self.provider == "tensorrt" and (self.runtime != "onnxruntime" or self.device != "cuda"):
+            raise ValueError(
+                "deployment.provider=tensorrt is ONNX Runtime's TensorRT execution provider: "
+                "it needs runtime=onnxruntime and device=cuda"
+            )
+        if self.dtype == "fp16" and self.device != "cuda":
+            raise ValueError("deployment.dtype=fp16 needs device=cuda (CPUs run float16 slowly)")
+        return self
+
+    def refusal(self, cuda: bool, providers: Sequence[str]) -> str | None:
+        """Why a machine cannot run this deployment (None: it can), given whether torch sees
+        a CUDA GPU there and ONNX Runtime's execution providers there. The one rule the
+        library (before a run) and the service (at submission, against the workers'
+        published capabilities) both apply."""
+        if self.device == "cuda" and not cuda:
+            return f"deployment {self.label()} needs a CUDA GPU and none is visible to torch"
+        if self.runtime == "onnxruntime" and self.device == "cuda":
+            want = (
+                "TensorrtExecutionProvider"
+                if self.provider == "tensorrt"
+                else "CUDAExecutionProvider"
+            )
+            if want not in providers:
+                return (
+                    f"deployment {self.label()} needs ONNX Runtime's {want}; the installation "
+                    f"has {', '.join(providers) or 'no providers'} (install onnxruntime-gpu"
+                    + (" built with TensorRT" if self.provider == "tensorrt" else "")
+                    + ")"
+                )
+        return None
+
+    def label(self) -> str:
+        """``onnxruntime/cpu/b1/fp32/2t``: the deployment in reports and cache keys."""
+        provider = "" if self.provider == "default" else f"+{self.provider}"
+        threads = f"/{self.threads}t" if self.threads else ""
+        return f"{self.runtime}{provider}/{self.device}/b{self.batch_size}/{self.dtype}{threads}"
+
+
 class QuantizeConfig(_Frozen):
     """Optional quantized ONNX variants of the pruned model (off unless ``modes`` names some).
 
@@ -316,15 +385,42 @@ class CompressionConfig(_Frozen):
     )
     in_chans: int = Field(3, ge=1, le=4)
     input_size: int | None = Field(None, ge=8, le=640, description="Defaults to the model's.")
-    target_macs: float = Field(
-        0.3, gt=0, le=1, description="Fraction of the base model's MACs to keep."
+    target_macs: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "Fraction of the base model's MACs to keep. Defaults to 0.3 when no latency "
+            "target is given; with one, None means no MACs target."
+        ),
+    )
+    target_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        le=600_000,
+        description="Median latency to reach on the deployment, milliseconds per batch.",
+    )
+    target_speedup: float | None = Field(
+        None,
+        gt=1,
+        le=1000,
+        description="Speed-up over the base model to reach on the deployment (base / pruned).",
+    )
+    deployment: DeploymentConfig | None = Field(
+        None,
+        description=(
+            "The runtime a latency target is measured on; a latency target without one uses "
+            "the defaults (ONNX Runtime, CPU, batch 1, fp32). Given without a target, every "
+            "step is still timed on it and the report states the speed-up there."
+        ),
     )
     max_drop: float = Field(1.5, ge=0, le=100, description="Accuracy budget, top-1 points.")
     on_target_missed: OnTargetMissed = Field(
         "publish",
         description=(
-            "When the MACs target is not reached within the accuracy budget: publish the "
-            "best model reached (report.target_met is false) or fail with budget_exceeded."
+            "When a target (MACs, latency) is not reached within the accuracy budget: publish "
+            "the best model reached (report.target_met is false) or fail with "
+            "budget_exceeded."
         ),
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -338,8 +434,43 @@ class CompressionConfig(_Frozen):
     quantize: QuantizeConfig = QuantizeConfig()
     guarantee: GuaranteeConfig = GuaranteeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _targets(cls, data: Any) -> Any:
+        """The defaults a latency target changes: no MACs target unless one is given, the
+        deployment's defaults, and ranking by score per millisecond unless one is chosen."""
+        if not isinstance(data, dict):
+            return data
+        latency = (
+            data.get("target_latency_ms") is not None or data.get("target_speedup") is not None
+        )
+        data = dict(data)
+        if not latency:
+            if data.get("target_macs") is None:
+                data["target_macs"] = 0.3
+            return data
+        if data.get("deployment") is None:
+            data["deployment"] = {}
+        prune = data.get("prune")
+        if prune is None:
+            data["prune"] = {"ranking": "score_per_ms"}
+        elif isinstance(prune, dict) and "ranking" not in prune:
+            data["prune"] = {**prune, "ranking": "score_per_ms"}
+        elif isinstance(prune, PruneConfig) and "ranking" not in prune.model_fields_set:
+            data["prune"] = prune.model_copy(update={"ranking": "score_per_ms"})
+        return data
+
+    @property
+    def has_latency_target(self) -> bool:
+        return self.target_latency_ms is not None or self.target_speedup is not None
+
     @model_validator(mode="after")
     def _check(self) -> CompressionConfig:
+        if self.prune.ranking == "score_per_ms" and self.deployment is None:
+            raise ValueError(
+                "prune.ranking=score_per_ms ranks by milliseconds saved on a deployment: give "
+                "deployment (or a latency target)"
+            )
         if self.recovery.distillation == "kd_features" and not self.recovery.feature_taps:
             raise ValueError("recovery.feature_taps is required with distillation=kd_features")
         _normalization_fits(self.data, self.in_chans)
@@ -407,6 +538,7 @@ class TrainConfig(_Frozen):
 __all__ = [
     "CompressionConfig",
     "DataConfig",
+    "DeploymentConfig",
     "ExportConfig",
     "GuaranteeConfig",
     "LatencyConfig",

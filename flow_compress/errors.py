@@ -28,6 +28,7 @@ class ErrorCode(str, Enum):
     EXPORT_FAILED = "export_failed"
     QUANTIZATION_FAILED = "quantization_failed"
     QUANTIZATION_PARITY_FAILED = "quantization_parity_failed"
+    DEPLOYMENT_UNAVAILABLE = "deployment_unavailable"
     CANCELLED = "cancelled"
     # Raised around the library, by the worker that runs a job (``worker.errors.classify``).
     TIMEOUT = "timeout"
@@ -129,6 +130,14 @@ class QuantizationParityError(FlowCompressError):
     code = ErrorCode.QUANTIZATION_PARITY_FAILED
 
 
+class DeploymentUnavailableError(FlowCompressError):
+    """The deployment a latency target is measured on (``deployment``: runtime, device,
+    provider, dtype) cannot run on this machine: no CUDA device, no such ONNX Runtime
+    execution provider, or a dtype the device does not run. Raised before any work starts."""
+
+    code = ErrorCode.DEPLOYMENT_UNAVAILABLE
+
+
 class CancelledError(FlowCompressError):
     """The caller's cancel check asked the pipeline to stop between steps."""
 
@@ -140,6 +149,7 @@ __all__ = [
     "BudgetExceededError",
     "CancelledError",
     "DatasetNotFoundError",
+    "DeploymentUnavailableError",
     "ErrorCode",
     "ExportError",
     "ExportParityError",

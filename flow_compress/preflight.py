@@ -27,11 +27,12 @@ from torch import nn
 from flow_compress.arch.blocks import find_candidates
 from flow_compress.arch.catalogue import WeightCaches
 from flow_compress.arch.surgery import classifier_path
-from flow_compress.config import CompressionConfig, ExportConfig, PruneConfig
+from flow_compress.config import CompressionConfig, DeploymentConfig, ExportConfig, PruneConfig
 from flow_compress.errors import FlowCompressError
 from flow_compress.export import get_exporter
 from flow_compress.export.parity import check_parity
 from flow_compress.graph import PruningGraph, count_macs_params
+from flow_compress.measure.deployment import check_available
 from flow_compress.models import build_model, load_weights, read_state_dict, resolve_model
 from flow_compress.refs import known_num_classes, parse_dataset_ref
 from flow_compress.schema import ExportProbe, LeftAlone, PreflightReport
@@ -44,18 +45,21 @@ def preflight(
     num_classes: int | None = None,
     in_chans: int = 3,
     input_size: int | None = None,
-    target_macs: float = 0.3,
+    target_macs: float | None = 0.3,
     prune: PruneConfig | None = None,
     allow_projection: bool = False,
     export: ExportConfig | None = None,
     caches: WeightCaches | None = None,
     seed: int = 0,
+    deployment: DeploymentConfig | None = None,
 ) -> PreflightReport:
     """Check ``model`` (any reference ``resolve_model`` takes) for a compression to
-    ``target_macs`` of its MACs. Raises only for a name that does not resolve
-    (``UnsupportedModelError``) or weights not in the caches (``WeightsNotAvailableError``);
-    every other problem is reported. ``num_classes`` None: the published weights' classes, or
-    the width of the given checkpoint's classifier, or 10."""
+    ``target_macs`` of its MACs (None: no MACs target, only a latency one), and that this
+    machine can run ``deployment`` (``deployment_error`` says why not). Raises only for a
+    name that does not resolve (``UnsupportedModelError``) or weights not in the caches
+    (``WeightsNotAvailableError``); every other problem is reported. ``num_classes`` None:
+    the published weights' classes, or the width of the given checkpoint's classifier, or
+    10."""
     started = time.perf_counter()
     prune = prune or PruneConfig()
     export = export or ExportConfig(parity_samples=4)
@@ -79,6 +83,11 @@ def preflight(
         "target_macs": target_macs,
         "weights": "not_given",
     }
+    if deployment is not None:
+        try:
+            check_available(deployment)
+        except FlowCompressError as exc:
+            fields["deployment_error"] = exc.message
     source = weights if weights is not None else resolved.weights
     if source is not None:
         try:
@@ -110,6 +119,7 @@ def preflight_config(
     weights: str | Path | None = None,
     caches: WeightCaches | None = None,
     parity_samples: int = 4,
+    check_deployment: bool = True,
 ) -> PreflightReport:
     """The preflight of the job ``config`` describes (what ``submit`` and ``POST /v1/preflight``
     run): its model, input shape, target, stage-1 caps, stage-2 projection rule and export
@@ -131,6 +141,8 @@ def preflight_config(
         in_chans=config.in_chans,
         input_size=config.input_size,
         target_macs=config.target_macs,
+        # The service checks deployments against its workers, not the machine it runs on.
+        deployment=config.deployment if check_deployment else None,
         prune=config.prune,
         allow_projection=config.truncate.allow_projection,
         export=export,
@@ -207,7 +219,7 @@ def _graph_checks(
     cfg: PruneConfig,
     allow_projection: bool,
     macs: int,
-    target: float,
+    target: float | None,
 ) -> dict[str, object]:
     out: dict[str, object] = {}
     try:
@@ -247,7 +259,8 @@ def _graph_checks(
     out |= {
         "reachable_macs": reachable,
         "reachable_ratio": reachable / macs if macs else None,
-        "target_reachable": reachable <= target * macs,
+        # No MACs target (a latency one only): nothing to reach in MACs.
+        "target_reachable": target is None or reachable <= target * macs,
     }
     return out
 

@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 from flow_compress.config import CompressionConfig
 from flow_compress.contract import InputContract
 
+# The MACs target counts as reached within 1 %: channel rounding and coupled groups make an
+# exact landing impossible, and stage 1 stops there.
+TARGET_SLACK = 1.01
+
 
 class Stage(str, Enum):
     """The stages of a run, in order (``str`` values: they compare equal to, and serialise as,
@@ -58,6 +62,17 @@ class StepRecord(_Model):
     top5: float
     accepted: bool = True
     detail: str = ""
+    latency_ms: float | None = Field(
+        None,
+        description="Latency on the deployment (None: no deployment): the baseline's median "
+        "over the speed-up against the base measured alternately at this step, so rows "
+        "compare however loaded the machine was at each.",
+    )
+    predicted_latency_ms: float | None = Field(
+        None,
+        description="What the cost model predicted for this step before it was measured "
+        "(stage-1 steps ranked by score_per_ms).",
+    )
 
     @field_validator("stage")
     @classmethod
@@ -158,15 +173,85 @@ class Guarantee(_Model):
         return self
 
 
+class CostModelStats(_Model):
+    """The measured latency cost model of a run (``graph.latency_cost``): how long building
+    its table took, how many layer timings were measured or read from the on-disk table, and
+    how far its predictions were from the end-to-end measurements of the stage-1 steps."""
+
+    table_entries: int
+    measured: int = Field(..., description="Layer shapes timed during this run.")
+    reused: int = Field(..., description="Lookups answered by the table.")
+    build_s: float = Field(..., description="Seconds spent timing layers in this run.")
+    cache_file: str | None = None
+    steps_checked: int = 0
+    mean_abs_error_pct: float | None = Field(
+        None, description="Mean |predicted - measured| / measured over the checked steps."
+    )
+    max_abs_error_pct: float | None = None
+
+
+# A speed-up within this share of 1 (or within half the runs' spread, if wider) is noise.
+SPEEDUP_NOISE = 0.02
+
+
+def speedup_verdict(speedup: float, spread: float) -> str:
+    """``faster``, ``slower`` or ``no faster`` (inside the measurement's noise): a pruned model
+    is called faster only when its speed-up clears the noise."""
+    margin = max(SPEEDUP_NOISE, spread / 2)
+    if speedup >= 1 + margin:
+        return "faster"
+    if speedup <= 1 - margin:
+        return "slower"
+    return "no faster"
+
+
+class DeploymentOutcome(_Model):
+    """The speed-up on the deployment the job named, base and pruned timed alternately in one
+    process (``measure.deployment``), and the latency target's verdict."""
+
+    deployment: str = Field(..., description="runtime/device/batch/dtype[/threads].")
+    runtime: str
+    device: str = Field(..., description="The hardware that ran it.")
+    batch_size: int
+    dtype: str
+    threads: int | None = None
+    base_ms: float
+    pruned_ms: float
+    speedup: float
+    spread: float = Field(
+        ..., description="Wider interquartile range of the two models' runs, over the median."
+    )
+    verdict: str = Field(..., description="faster, no faster (within noise) or slower.")
+    target_latency_ms: float | None = None
+    target_speedup: float | None = None
+    latency_target_met: bool | None = Field(
+        None, description="Whether every latency target was met (None: none was given)."
+    )
+    cost_model: CostModelStats | None = None
+
+    @model_validator(mode="after")
+    def _verdicts_follow_the_numbers(self) -> DeploymentOutcome:
+        if self.verdict != speedup_verdict(self.speedup, self.spread):
+            raise ValueError(f"verdict {self.verdict!r} contradicts speedup {self.speedup:.3f}")
+        if self.latency_target_met is not None:
+            met = (self.target_latency_ms is None or self.pruned_ms <= self.target_latency_ms) and (
+                self.target_speedup is None or self.speedup >= self.target_speedup
+            )
+            if met != self.latency_target_met:
+                raise ValueError("latency_target_met contradicts the measured latency")
+        return self
+
+
 class CompressionReport(_Model):
     """Everything one compression measured and decided.
 
     Schema version 2 added the verdicts ``target_met`` and ``guarantee.holds`` and the pruned
     weights' digest; reports of version 1 load with those fields None. Version 3 added
-    ``input_contract`` (None in older reports).
+    ``input_contract`` (None in older reports). Version 4 added ``deployment`` (the speed-up
+    on the job's deployment and the latency target's verdict) and per-step latencies.
     """
 
-    schema_version: int = 3
+    schema_version: int = 4
     model: str
     dataset: str
     config: CompressionConfig
@@ -175,14 +260,18 @@ class CompressionReport(_Model):
     macs_ratio: float = Field(..., description="Pruned MACs / base MACs.")
     target_met: bool | None = Field(
         None,
-        description="Whether macs_ratio reached config.target_macs (within the 1 % stage 1 "
-        "stops at). None only in reports of schema version 1.",
+        description="Whether every target was met: macs_ratio against config.target_macs "
+        "(within the 1 % stage 1 stops at) and the latency target on the deployment "
+        "(deployment.latency_target_met). None only in reports of schema version 1.",
     )
     params_ratio: float
     top1_drop: float = Field(..., description="Base minus pruned test top-1, points.")
     speedup: float | None = Field(None, description="Headline speed-up, see speedup_runtime.")
     speedup_runtime: str | None = None
     latency: list[LatencyRecord] = Field(default_factory=list)
+    deployment: DeploymentOutcome | None = Field(
+        None, description="Speed-up on the job's deployment (config.deployment), if any."
+    )
     steps: list[StepRecord]
     recovery_iterations: dict[str, int] = Field(
         default_factory=dict, description="Optimisation steps spent per stage."
@@ -273,7 +362,10 @@ class PreflightReport(_Model):
     prunable_heads: int = 0
     left_alone: list[LeftAlone] = []
     stage2_candidates: list[str] = []
-    target_macs: float
+    target_macs: float | None
+    deployment_error: str | None = Field(
+        None, description="Why this machine cannot run the job's deployment, if it cannot."
+    )
     reachable_macs: int | None = None
     reachable_ratio: float | None = None
     target_reachable: bool | None = None
@@ -289,6 +381,7 @@ class PreflightReport(_Model):
             and self.forward_error is None
             and self.graph_error is None
             and bool(self.target_reachable)
+            and self.deployment_error is None
             and all(e.passed for e in self.exports)
         )
 
@@ -302,8 +395,11 @@ class PreflightReport(_Model):
 
 
 __all__ = [
+    "TARGET_SLACK",
     "CombinationRow",
     "CompressionReport",
+    "CostModelStats",
+    "DeploymentOutcome",
     "ExportProbe",
     "Guarantee",
     "LatencyRecord",
@@ -315,4 +411,5 @@ __all__ = [
     "QuantizedArtifact",
     "Stage",
     "StepRecord",
+    "speedup_verdict",
 ]

@@ -172,10 +172,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int 
     raise ExportError("onnx export failed: " + "; ".join(causes))
 
 
-def session(path: Path, device: torch.device | str = "cpu", threads: int | None = None) -> object:
+def session(
+    path: Path,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+    *,
+    tensorrt: bool = False,
+) -> object:
     """An ONNX Runtime session with full graph optimisation: on CUDA (its CUDA provider) when
     ``device`` is CUDA and the provider is installed, else on the CPU — ``session_device``
-    says which. ``threads`` sets the intra-op threads (one inter-op thread then)."""
+    says which. ``tensorrt`` puts ONNX Runtime's TensorRT provider first (CUDA for the nodes
+    it leaves; the caller checked it is installed). ``threads`` sets the intra-op threads
+    (one inter-op thread then)."""
     import onnxruntime as ort
     import torch
 
@@ -190,6 +198,8 @@ def session(path: Path, device: torch.device | str = "cpu", threads: int | None 
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         index = device.index if device.index is not None else torch.cuda.current_device()
         providers = [("CUDAExecutionProvider", {"device_id": index})]
+        if tensorrt:
+            providers.insert(0, ("TensorrtExecutionProvider", {"device_id": index}))
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
@@ -235,7 +245,12 @@ def load(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def file_engine(
-    path: Path, input_shape: tuple[int, int, int], device: torch.device, threads: int | None
+    path: Path,
+    input_shape: tuple[int, int, int],
+    device: torch.device,
+    threads: int | None,
+    *,
+    tensorrt: bool = False,
 ) -> Engine:
     """An ONNX file in ONNX Runtime for timing: on CUDA with input and output bound in GPU
     memory (as eager CUDA timings are), else on the CPU (the device label says when CUDA was
@@ -245,7 +260,7 @@ def file_engine(
 
     from flow_compress.measure.latency import Engine, Runner, describe_device, random_input
 
-    sess = session(path, device, threads)
+    sess = session(path, device, threads, tensorrt=tensorrt)
     if _on_cuda(sess):
         index = device.index if device.index is not None else torch.cuda.current_device()
 

@@ -312,6 +312,9 @@ class PruningGraph:
         }
         self._reasons: dict[str, str] = {}
         self._groups: list[PrunableGroup] | None = None
+        # Conv/linear input shapes of the shape pass: the latency cost model times each layer
+        # on the input it really gets.
+        self.in_shapes: dict[str, tuple[int, ...]] = {}
         was_training = model.training
         model.eval()
         try:
@@ -413,8 +416,10 @@ class PruningGraph:
         handles = []
 
         def out_hook(name: str):  # type: ignore[no-untyped-def]
-            def fn(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            def fn(_m: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> None:
                 shapes[name] = tuple(out.shape)
+                if inputs and isinstance(inputs[0], torch.Tensor):
+                    self.in_shapes[name] = tuple(inputs[0].shape)
 
             return fn
 

@@ -58,12 +58,15 @@ from flow_compress.report import write_report
 from flow_compress.schema import (
     CombinationRow,
     CompressionReport,
+    CostModelStats,
+    DeploymentOutcome,
     Guarantee,
     LatencyRecord,
     ModelMetrics,
     ParityRecord,
     QuantizedArtifact,
     Stage,
+    speedup_verdict,
 )
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -80,6 +83,7 @@ def compress(
     overwrite: bool = False,
     checkpoint_dir: str | Path | None = None,
     caches: WeightCaches | None = None,
+    latency_cache: str | Path | None = None,
 ) -> CompressionReport:
     """Compress ``config.model`` loaded from ``weights`` and write every artifact to ``out_dir``.
 
@@ -101,6 +105,10 @@ def compress(
 
     ``caches`` are the local folders published weights are read from (``hf-hub:`` references,
     ``pretrained``); nothing is downloaded.
+
+    ``latency_cache`` is the folder the latency cost model's layer tables live in, one file
+    per deployment and machine (``graph.latency_cost.LatencyTable``); None keeps the table
+    in memory for this run only.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -119,6 +127,7 @@ def compress(
         progress=progress,
         should_cancel=should_cancel,
         checkpoint=checkpoint,
+        latency_cache=Path(latency_cache) if latency_cache is not None else None,
     )
     measured = finalize(job, result)
     return publish(job, result, measured, out, started)
@@ -244,6 +253,7 @@ class Measured:
     pruned_test: tuple[float, float]
     target_met: bool
     guarantee: Guarantee | None
+    deployment: DeploymentOutcome | None = None
 
 
 def finalize(job: Prepared, result: CompressionResult) -> Measured:
@@ -259,12 +269,25 @@ def finalize(job: Prepared, result: CompressionResult) -> Measured:
     ctx.check_cancel()
     ctx.emit(Stage.EXPORT, 0, 3, message="final evaluation on the test split")
     pruned_cost = ctx.cost(pruned)
-    target_met = ctx.reached_target(pruned_cost[0])
+    deployment = deployment_outcome(ctx, pruned)
+    macs_met = ctx.reached_target(pruned_cost[0])
+    latency_met = deployment is None or deployment.latency_target_met is not False
+    target_met = macs_met and latency_met
     if not target_met and config.on_target_missed == "fail":
+        missed = []
+        if not macs_met:
+            missed.append(
+                f"MACs target {config.target_macs:.1%} of the base (the best model reached "
+                f"keeps {pruned_cost[0] / ctx.base_macs:.1%})"
+            )
+        if not latency_met and deployment is not None:
+            missed.append(
+                f"latency target on {deployment.deployment} (reached {deployment.pruned_ms:.3g} "
+                f"ms, {deployment.speedup:.2f}x the base's {deployment.base_ms:.3g} ms)"
+            )
         raise BudgetExceededError(
-            f"MACs target {config.target_macs:.1%} of the base not reached within the accuracy "
-            f"budget of {config.max_drop:g} top-1 points: the best model reached keeps "
-            f"{pruned_cost[0] / ctx.base_macs:.1%} of the base MACs (on_target_missed=fail)"
+            f"{' and '.join(missed)} not reached within the accuracy budget of "
+            f"{config.max_drop:g} top-1 points (on_target_missed=fail)"
         )
     bs = config.data.eval_batch_size
     with ctx.timer("evaluation"):
@@ -285,7 +308,65 @@ def finalize(job: Prepared, result: CompressionResult) -> Measured:
         input_size=job.data.input_size,
         ops=result.ops,
     )
-    return Measured(plan, pruned_cost, base_test, pruned_test, target_met, guarantee)
+    return Measured(plan, pruned_cost, base_test, pruned_test, target_met, guarantee, deployment)
+
+
+def deployment_outcome(ctx: Context, pruned: nn.Module) -> DeploymentOutcome | None:
+    """Base and pruned timed alternately on the job's deployment, the speed-up's verdict, the
+    latency target's, and how the cost model fared (None without a deployment)."""
+    timer, config = ctx.deployment, ctx.config
+    if timer is None or config.deployment is None:
+        return None
+    dep = config.deployment
+    ctx.emit(Stage.EXPORT, 0, 3, message=f"timing base and pruned on {dep.label()}")
+    with ctx.timer("latency"):
+        cmp = timer.compare(ctx.teacher, pruned)
+        label = timer.device_label
+    spread = max(cmp.base.spread, cmp.pruned.spread)
+    speedup = cmp.speedup
+    met = None
+    if config.has_latency_target:
+        met = (config.target_latency_ms is None or cmp.pruned.ms <= config.target_latency_ms) and (
+            config.target_speedup is None or speedup >= config.target_speedup
+        )
+    return DeploymentOutcome(
+        deployment=dep.label(),
+        runtime=dep.runtime,
+        device=label,
+        batch_size=dep.batch_size,
+        dtype=dep.dtype,
+        threads=dep.threads,
+        base_ms=cmp.base.ms,
+        pruned_ms=cmp.pruned.ms,
+        speedup=speedup,
+        spread=spread,
+        verdict=speedup_verdict(speedup, spread),
+        target_latency_ms=config.target_latency_ms,
+        target_speedup=config.target_speedup,
+        latency_target_met=met,
+        cost_model=_cost_model_stats(ctx),
+    )
+
+
+def _cost_model_stats(ctx: Context) -> CostModelStats | None:
+    table = ctx.cost_table
+    if table is None:
+        return None
+    errors = [
+        abs(r.predicted_latency_ms - r.latency_ms) / r.latency_ms * 100
+        for r in ctx.steps
+        if r.predicted_latency_ms is not None and r.latency_ms
+    ]
+    return CostModelStats(
+        table_entries=len(table.entries),
+        measured=table.measured,
+        reused=table.reused,
+        build_s=round(table.build_s, 3),
+        cache_file=str(table.path) if table.path is not None else None,
+        steps_checked=len(errors),
+        mean_abs_error_pct=round(sum(errors) / len(errors), 2) if errors else None,
+        max_abs_error_pct=round(max(errors), 2) if errors else None,
+    )
 
 
 def check_guarantee(rel: torch.Tensor, cfg: GuaranteeConfig) -> Guarantee | None:
@@ -488,9 +569,24 @@ def _report(
         target_met=measured.target_met,
         params_ratio=params / ctx.base_params,
         top1_drop=round(base_top1 - top1, 3),
-        speedup=round(headline.speedup, 4) if headline else None,
-        speedup_runtime=f"{headline.runtime}@b{headline.batch_size}" if headline else None,
+        # The job's own deployment, when it named one, is the headline: it is where the
+        # model will run.
+        speedup=(
+            round(measured.deployment.speedup, 4)
+            if measured.deployment
+            else round(headline.speedup, 4)
+            if headline
+            else None
+        ),
+        speedup_runtime=(
+            measured.deployment.deployment
+            if measured.deployment
+            else f"{headline.runtime}@b{headline.batch_size}"
+            if headline
+            else None
+        ),
         latency=latency,
+        deployment=measured.deployment,
         steps=ctx.steps,
         recovery_iterations={str(k): v for k, v in ctx.recovery_iters.items()},
         guarantee=measured.guarantee,

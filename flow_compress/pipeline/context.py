@@ -15,9 +15,17 @@ from flow_compress.config import CompressionConfig
 from flow_compress.data import Batch, DataSplits
 from flow_compress.errors import CancelledError
 from flow_compress.graph.adapter import count_macs_params
+from flow_compress.graph.latency_cost import LatencyTable
+from flow_compress.measure.deployment import DeploymentTimer
 from flow_compress.measure.evaluate import evaluate
 from flow_compress.recovery import LoopSettings, fit
-from flow_compress.schema import ProgressEvent, Stage, StepRecord
+from flow_compress.schema import (
+    SPEEDUP_NOISE,
+    TARGET_SLACK,
+    ProgressEvent,
+    Stage,
+    StepRecord,
+)
 
 ProgressFn = Callable[[ProgressEvent], None]
 CancelFn = Callable[[], bool]
@@ -33,9 +41,6 @@ PROGRESS_SPAN = {
     Stage.FINAL_FINE_TUNE: (75.0, 90.0),
     Stage.EXPORT: (90.0, 100.0),
 }
-# The MACs target counts as reached within 1 %: channel rounding and coupled groups make an
-# exact landing impossible, and stage 1 stops there.
-TARGET_SLACK = 1.01
 
 
 @dataclass
@@ -63,6 +68,18 @@ class Context:
     train_batches_used: int = 0
     # (stage, step) of the checkpoint this run resumed from, None for a fresh run.
     resumed_from: tuple[Stage, int] | None = None
+    # The deployment a latency target is measured on (None: no deployment configured), the
+    # cost model's layer table, the base model's and the current model's measured latency.
+    deployment: DeploymentTimer | None = None
+    cost_table: LatencyTable | None = None
+    base_latency_ms: float | None = None
+    latency_now_ms: float | None = None
+    # Relative spread (IQR / median) of the last measurement: a target counts as reached
+    # during the run only when it is cleared by more than the noise.
+    latency_spread: float = 0.0
+    # Measured over predicted milliseconds saved by the last cost-model step: the next step's
+    # prediction is corrected by it (what the layer table misses is mostly proportional).
+    saving_efficiency: float = 1.0
     _train_batches: Iterator[Batch] | None = None
     _percent: float = 0.0
 
@@ -114,13 +131,66 @@ class Context:
         return count_macs_params(model, self.example)
 
     @property
-    def target_macs(self) -> float:
-        """The MACs the configuration asks the pruned model to stay under."""
+    def target_macs(self) -> float | None:
+        """The MACs the configuration asks the pruned model to stay under (None: no MACs
+        target, only a latency one)."""
+        if self.config.target_macs is None:
+            return None
         return self.config.target_macs * self.base_macs
 
     def reached_target(self, macs: float) -> bool:
-        """Whether ``macs`` meets the MACs target (within ``TARGET_SLACK``)."""
-        return macs <= self.target_macs * TARGET_SLACK
+        """Whether ``macs`` meets the MACs target (within ``TARGET_SLACK``); true without one."""
+        target = self.target_macs
+        return target is None or macs <= target * TARGET_SLACK
+
+    @property
+    def target_latency_ms(self) -> float | None:
+        """The latency to reach on the deployment: the stricter of ``target_latency_ms`` and
+        the base latency over ``target_speedup``; None without a latency target."""
+        cfg = self.config
+        targets = []
+        if cfg.target_latency_ms is not None:
+            targets.append(cfg.target_latency_ms)
+        if cfg.target_speedup is not None and self.base_latency_ms is not None:
+            targets.append(self.base_latency_ms / cfg.target_speedup)
+        return min(targets) if targets else None
+
+    def reached_latency(self, ms: float | None) -> bool:
+        """Whether a measured latency ``ms`` meets the latency target by more than the last
+        measurement's noise (the final verdict is a fresh measurement, and a model that only
+        just met the target would miss it half the time); true without a target."""
+        target = self.target_latency_ms
+        if target is None:
+            return True
+        margin = max(SPEEDUP_NOISE, self.latency_spread / 2)
+        return ms is not None and ms * (1 + margin) <= target
+
+    def reached_targets(self, macs: float) -> bool:
+        """Every given target met: MACs by count, latency by the last measurement."""
+        return self.reached_target(macs) and self.reached_latency(self.latency_now_ms)
+
+    def measure_latency(self, model: nn.Module) -> float | None:
+        """Latency of ``model`` on the deployment (None without one), which becomes the
+        current latency the next stage-1 step starts from.
+
+        After the baseline, ``model`` is timed alternately with the base model and its
+        latency is the baseline's median divided by the speed-up measured now: load on the
+        machine that slows both alike cancels, so steps compare with each other and with the
+        target in one currency instead of in whatever the machine's load was at each step."""
+        if self.deployment is None:
+            return None
+        with self.timer("latency_steps"):
+            if self.base_latency_ms is None:
+                # The baseline: the model against a copy of itself, so it gets twice the runs
+                # every later measurement's base half gets.
+                both = self.deployment.compare(self.teacher, model)
+                ms = (both.base.ms + both.pruned.ms) / 2
+            else:
+                both = self.deployment.compare(self.teacher, model)
+                ms = self.base_latency_ms / both.speedup
+            self.latency_spread = max(both.base.spread, both.pruned.spread)
+        self.latency_now_ms = ms
+        return ms
 
     def val_accuracy(self, model: nn.Module, max_batches: int | None = None) -> tuple[float, float]:
         with self.timer("evaluation"):
@@ -137,9 +207,17 @@ class Context:
         top: tuple[float, float] | None = None,
         accepted: bool = True,
         detail: str = "",
+        predicted_ms: float | None = None,
     ) -> StepRecord:
+        """Append a row of the dynamics table for ``model``: MACs, params, validation
+        accuracy (``top`` when already measured) and, with a deployment, its latency there
+        (a rejected model is timed too but does not become the current latency)."""
         macs, params = self.cost(model)
         top1, top5 = top if top is not None else self.val_accuracy(model)
+        now = self.latency_now_ms
+        ms = self.measure_latency(model)
+        if not accepted:
+            self.latency_now_ms = now
         rec = StepRecord(
             step=len(self.steps),
             stage=stage,
@@ -149,6 +227,8 @@ class Context:
             top5=round(top5, 3),
             accepted=accepted,
             detail=detail,
+            latency_ms=round(ms, 4) if ms is not None else None,
+            predicted_latency_ms=round(predicted_ms, 4) if predicted_ms is not None else None,
         )
         self.steps.append(rec)
         return rec

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -14,6 +15,8 @@ from torch import nn
 from flow_compress.config import CompressionConfig
 from flow_compress.data import DataSplits
 from flow_compress.device import resolve_device, seed_everything
+from flow_compress.graph.latency_cost import LatencyTable
+from flow_compress.measure.deployment import DeploymentTimer, check_available
 from flow_compress.pipeline.checkpoint import Checkpointer, attach, resume
 from flow_compress.pipeline.context import CancelFn, Context, ProgressFn
 from flow_compress.pipeline.stage1 import FilterPruner
@@ -39,9 +42,16 @@ def make_context(
     *,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    latency_cache: Path | None = None,
 ) -> tuple[Context, nn.Module]:
     """Seed, pick the device, freeze a copy of ``model`` as the teacher, and return the shared
-    context with the student (another copy) that the stages prune."""
+    context with the student (another copy) that the stages prune.
+
+    With ``config.deployment``, the deployment is checked first (``deployment_unavailable``
+    before any work) and the cost model's layer table opened from ``latency_cache`` (None:
+    an in-memory table for this run only)."""
+    if config.deployment is not None:
+        check_available(config.deployment)
     seed_everything(config.seed)
     device = resolve_device(config.device)
     teacher = copy.deepcopy(model).to(device).eval()
@@ -61,6 +71,11 @@ def make_context(
         cancel_fn=should_cancel,
     )
     ctx.base_macs, ctx.base_params = ctx.cost(student)
+    if config.deployment is not None:
+        shape = (data.in_chans, data.input_size, data.input_size)
+        ctx.deployment = DeploymentTimer(config.deployment, shape)
+        if config.prune.ranking == "score_per_ms":
+            ctx.cost_table = LatencyTable.open(config.deployment, latency_cache)
     return ctx, student
 
 
@@ -72,6 +87,7 @@ def run_pipeline(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     checkpoint: Checkpointer | None = None,
+    latency_cache: Path | None = None,
 ) -> CompressionResult:
     """Compress ``model`` (not modified; a copy is pruned) on ``data``; no files are written
     except ``checkpoint``'s, after every accepted step; a usable checkpoint found there is
@@ -79,14 +95,26 @@ def run_pipeline(
 
     Accuracy per step is measured on the validation split; the test split is not touched.
     """
-    ctx, student = make_context(model, data, config, progress=progress, should_cancel=should_cancel)
+    ctx, student = make_context(
+        model,
+        data,
+        config,
+        progress=progress,
+        should_cancel=should_cancel,
+        latency_cache=latency_cache,
+    )
     ctx.check_cancel()
     resumed = resume(checkpoint, ctx, student) if checkpoint is not None else None
     if resumed is not None:
         student = resumed
+        ctx.base_latency_ms = ctx.steps[0].latency_ms if ctx.steps else None
+        ctx.latency_now_ms = next(
+            (r.latency_ms for r in reversed(ctx.steps) if r.accepted), ctx.base_latency_ms
+        )
     else:
         base = ctx.record(student, Stage.BASELINE)
         ctx.base_val_top1 = base.top1
+        ctx.base_latency_ms = base.latency_ms
         ctx.emit(Stage.BASELINE, 1, 1, macs=base.macs, top1=base.top1, message="baseline measured")
     if checkpoint is not None:
         attach(checkpoint, ctx)
@@ -103,6 +131,8 @@ def run_pipeline(
             student = run_stage2(student, ctx, start_removed=start)
     with ctx.timer("finetune_total"):
         student = final_fine_tune(student, ctx)
+    if ctx.cost_table is not None:
+        ctx.cost_table.save()
     return CompressionResult(student.eval(), list(ctx.plan_ops), ctx)
 
 

@@ -19,6 +19,14 @@ Choices (their reasons are in docs/algorithm.md):
   channels only. Heads share the global ranking with channels and neurons.
 - A step re-scores and prunes again (at most three passes) when rounding or coupling left its
   MACs more than 1 % above the step target.
+- With a latency target the schedule runs on the deployment's measured latency: the same
+  decay shape from the base latency towards the target, each step asking for the
+  milliseconds between the current *measured* latency and its step target. Ranking
+  ``score_per_ms`` cuts groups between their fast widths by importance per millisecond
+  (``pipeline.latency_selection``), predicting the saving with the layer table scaled by the
+  measured model's time over its layers' summed time (what the layers leave out —
+  activations, additions, memory traffic — shrinks with them); the other rankings convert
+  the milliseconds into MACs at the model's measured milliseconds per MAC.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from flow_compress.arch.surgery import classifier_path
 from flow_compress.criteria import ScoreRequest, get_criterion
 from flow_compress.errors import UnsupportedModelError
 from flow_compress.graph import PrunableGroup, PruningGraph
+from flow_compress.graph.latency_cost import group_curve, layer_shape, member_layers
 from flow_compress.pipeline.context import Context
+from flow_compress.pipeline.latency_selection import Option, select_by_latency
 from flow_compress.schema import Stage
 
 STAGE = Stage.FILTER_PRUNE
@@ -160,6 +170,62 @@ class FilterPruner:
             graph.verify(list(sel.removals))
         return entries
 
+    # ------------------------------------------------------------ one cut by latency
+
+    def cut_by_latency(
+        self, model: nn.Module, target_macs: float | None, target_ms: float | None
+    ) -> tuple[nn.Module, list[dict[str, object]], float | None]:
+        """Prune ``model`` towards ``target_ms`` on the deployment (and ``target_macs`` when
+        given) by score per millisecond saved; returns the model, the plan entries and the
+        predicted end-to-end latency."""
+        ctx = self.ctx
+        table = ctx.cost_table
+        now = ctx.latency_now_ms
+        assert table is not None and now is not None, "score_per_ms needs a deployment"
+        macs, _ = ctx.cost(model)
+        need_ms = max(0.0, now - target_ms) if target_ms is not None else 0.0
+        need_macs = max(0.0, macs - target_macs) if target_macs is not None else 0.0
+        if need_ms <= 0 and need_macs <= 0.01 * macs:
+            return model, [], None
+        graph = self._graph(model)
+        groups = graph.groups()
+        scores = self.scores(model, graph, groups)
+        with ctx.timer("cost_model"):
+            layer_sum = 0.0
+            for name, module in model.named_modules():
+                shape = graph.in_shapes.get(name)
+                ls = layer_shape(module, shape) if shape is not None else None
+                if ls is not None:
+                    layer_sum += table.ms(ls)
+            # Milliseconds of the whole model per millisecond of its layers.
+            scale = now / layer_sum if layer_sum > 0 else 1.0
+            options = []
+            for g, sc in zip(groups, scores, strict=True):
+                keep = self._keep_min(g)
+                curve = None
+                if g.unit == "channel":
+                    layers = member_layers(
+                        ((m.name, m.module) for m in g.producers),
+                        ((m.name, m.module) for m in g.consumers),
+                        graph.in_shapes,
+                    )
+                    if layers:
+                        curve = group_curve(layers, g.size, keep, table)
+                options.append(Option(g, sc, keep, curve))
+            table.save()
+        eff = ctx.saving_efficiency
+        sel = select_by_latency(
+            options,
+            need_ms / (scale * eff),
+            need_macs,
+            ms_per_mac=(now / scale) / max(macs, 1),
+            round_to=self.cfg.round_to,
+        )
+        if not sel.removals:
+            return model, [], None
+        entries = self.apply(model, graph, groups, _Selection(sel.removals, sel.saved_macs))
+        return model, entries, now - sel.saved_ms * scale * eff
+
     # ------------------------------------------------------------ one cut
 
     def cut(
@@ -207,25 +273,53 @@ class FilterPruner:
         whose first ``start_step`` steps are already in ``model`` and the context."""
         ctx, cfg = self.ctx, self.cfg
         target = ctx.target_macs
+        target_ms = ctx.target_latency_ms
+        base_ms = ctx.base_latency_ms
         K = cfg.steps
-        fractions = decay_schedule(ctx.config.target_macs, K)
+        fractions = decay_schedule(ctx.config.target_macs or 1.0, K)
+        ms_fractions = (
+            decay_schedule(min(1.0, target_ms / base_ms), K)
+            if target_ms is not None and base_ms
+            else None
+        )
         ratios = paper_ratios(K, cfg.paper_alpha, cfg.paper_beta)
         for k in range(start_step, K):
             ctx.check_cancel()
             macs, _ = ctx.cost(model)
-            if ctx.reached_target(macs):
+            if ctx.reached_targets(macs):
                 break
+            max_count = None
             if cfg.schedule == "decay":
-                step_target = max(target, fractions[k] * ctx.base_macs)
-                max_count = None
+                step_target = max(target, fractions[k] * ctx.base_macs) if target else None
             else:
                 step_target = target
                 max_count = self._count_for_ratio(model, ratios[k])
-            reduction = macs - step_target
+            step_ms = None
+            if target_ms is not None and base_ms is not None:
+                step_ms = (
+                    max(target_ms, ms_fractions[k] * base_ms)
+                    if ms_fractions is not None and cfg.schedule == "decay"
+                    else target_ms
+                )
+            now_ms = ctx.latency_now_ms
+            reduction = macs - step_target if step_target is not None else 0.0
+            reduction_ms = max(0.0, now_ms - step_ms) if step_ms is not None and now_ms else 0.0
             snapshot = copy.deepcopy(model)
             accepted = False
             for attempt in range(cfg.retries + 1):
-                pruned, entries = self.cut(model, macs - reduction, max_count)
+                predicted = None
+                if cfg.ranking == "score_per_ms":
+                    pruned, entries, predicted = self.cut_by_latency(
+                        model,
+                        macs - reduction if step_target is not None else None,
+                        now_ms - reduction_ms if step_ms is not None and now_ms else None,
+                    )
+                else:
+                    # Milliseconds to save become MACs at the model's measured ms per MAC.
+                    need = reduction
+                    if reduction_ms and now_ms:
+                        need = max(need, reduction_ms * macs / now_ms)
+                    pruned, entries = self.cut(model, macs - need, max_count)
                 if not entries:
                     break
                 ctx.recover(pruned, ctx.config.recovery.iters_per_step, STAGE)
@@ -238,7 +332,10 @@ class FilterPruner:
                         STAGE,
                         top=(top1, top5),
                         detail=f"step {k + 1}/{K}" + (f", retry {attempt}" if attempt else ""),
+                        predicted_ms=predicted,
                     )
+                    if predicted is not None and now_ms and rec.latency_ms is not None:
+                        self._learn(now_ms, predicted, rec.latency_ms)
                     ctx.accepted(model, STAGE, k + 1)
                     ctx.emit(
                         STAGE,
@@ -256,6 +353,7 @@ class FilterPruner:
                 )
                 model = copy.deepcopy(snapshot)
                 reduction /= 2
+                reduction_ms /= 2
                 if max_count is not None:
                     max_count = max(1, max_count // 2)
             if not accepted:
@@ -269,8 +367,25 @@ class FilterPruner:
                 f"Filter Prune ended at {macs / ctx.base_macs:.1%} of base MACs, above the "
                 f"target {ctx.config.target_macs:.1%} (budget or per-layer caps)"
             )
+        if not ctx.reached_latency(ctx.latency_now_ms) and target_ms is not None:
+            ctx.notes.append(
+                f"Filter Prune ended at {ctx.latency_now_ms:.3g} ms on the deployment, above "
+                f"the latency target {target_ms:.3g} ms (budget, per-layer caps, or widths "
+                "that save no measurable time)"
+            )
         ctx.emit(STAGE, K, K, macs=macs)
         return model
+
+    def _learn(self, before_ms: float, predicted_ms: float, measured_ms: float) -> None:
+        """Fold the step's measured saving into the correction of the next prediction."""
+        predicted = before_ms - predicted_ms
+        if predicted <= 0:
+            return
+        measured = max(before_ms - measured_ms, 0.0)
+        # Half-way (geometrically) towards what this step measured, and bounded: one noisy
+        # measurement on a busy machine must not make the next step cut wildly.
+        step = math.sqrt(max(measured / predicted, 1e-3))
+        self.ctx.saving_efficiency = min(2.0, max(0.5, self.ctx.saving_efficiency * step))
 
     def _count_for_ratio(self, model: nn.Module, ratio: float) -> int:
         graph = self._graph(model)

@@ -1,0 +1,484 @@
+"""The measured latency cost model: how long each prunable group's layers take at each width,
+on the deployment's own runtime and hardware.
+
+MACs are a poor proxy for speed: a runtime's kernels are blocked (ONNX Runtime's CPU convs
+work on channel blocks, GPUs on tensor-core tiles), so removing channels below a block
+boundary can save nothing, and a 1x1 conv on a 7x7 map costs far more per MAC than a 3x3 conv
+on a 56x56 one. So every conv and linear layer that occurs is timed *alone*, as a one-node
+model in the deployment's runtime, on the input shape it really gets, at a grid of widths of
+the dimension pruning changes. The timings are a lookup table on disk, keyed by the
+deployment and the machine, so a table is built once per runtime, device and input size and
+reused by every later job (``LatencyTable``).
+
+A group's latency at width w is the sum over its layers (producers with w outputs,
+consumers with w inputs) of their table entries. The widths a group may be cut to are the
+*fast* ones found in the table: a width is dropped when a wider one measured no slower
+(within ``_SAME``), because a width inside a kernel's block costs as much as the block's
+end. Between measured widths the curve is interpolated linearly.
+
+What the sum leaves out (fused activations and norms, additions, memory traffic between
+layers) is why the pipeline times the whole model after every step and reports both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flow_compress.artifacts import atomic_write_text
+from flow_compress.config import DeploymentConfig
+from flow_compress.measure.environment import describe_device
+
+# A wider width measured within this fraction of a narrower one's time is as fast: keeping the
+# channels then costs nothing measurable.
+_SAME = 0.02
+# At most this many widths are timed per layer and role; wider layers get a coarser grid.
+_MAX_POINTS = 24
+# One timed repeat runs the op this long at least, so microsecond ops are timed accurately.
+_REPEAT_S = 0.002
+_REPEATS = 7
+_TABLE_VERSION = 1
+
+
+def grid_step(width: int) -> int:
+    """Spacing of the widths timed for a layer of this width: 8 (the channel block of
+    ONNX Runtime's AVX2 kernels and of tensor cores) when there are enough, finer for thin
+    layers, coarser when more than ``_MAX_POINTS`` would be timed."""
+    step = 8 if width >= 64 else 4 if width >= 16 else 1
+    while width // step > _MAX_POINTS:
+        step *= 2
+    return step
+
+
+def width_grid(width: int, keep_min: int) -> list[int]:
+    """The widths timed for a layer now ``width`` wide that may shrink to ``keep_min``:
+    multiples of ``grid_step(width)`` in [keep_min, width), ``keep_min`` and ``width``."""
+    step = grid_step(width)
+    out = {width, max(1, keep_min)}
+    w = math.ceil(max(1, keep_min) / step) * step
+    while w < width:
+        out.add(w)
+        w += step
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One conv or linear layer as the runtime sees it. ``spatial``: the input's (H, W) for
+    a conv, its token dimensions (between batch and features) for a linear layer."""
+
+    kind: str
+    cin: int
+    cout: int
+    groups: int = 1
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    spatial: tuple[int, ...] = ()
+    bias: bool = True
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "conv" and self.groups == self.cin and self.groups > 1
+
+    def key(self) -> str:
+        return json.dumps(
+            [
+                self.kind,
+                self.cin,
+                self.cout,
+                self.groups,
+                self.kernel,
+                self.stride,
+                self.pads,
+                self.dilation,
+                self.spatial,
+                self.bias,
+            ],
+            separators=(",", ":"),
+        )
+
+    def with_width(self, role: str, width: int) -> LayerShape:
+        """This layer with the channels ``role`` ("out", "in" or "both") set to ``width``;
+        a depthwise conv's inputs, outputs and groups move together."""
+        if self.depthwise:
+            mult = self.cout // self.cin
+            return replace(self, cin=width, cout=width * mult, groups=width)
+        if role == "out":
+            return replace(self, cout=width)
+        if role == "in":
+            return replace(self, cin=width)
+        return replace(self, cin=width, cout=width)
+
+
+def layer_shape(module: nn.Module, in_shape: tuple[int, ...]) -> LayerShape | None:
+    """The shape of ``module`` (Conv2d or Linear) on an input of ``in_shape`` (batch first),
+    or None for other modules."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        dh, dw = module.dilation
+        if isinstance(module.padding, str):
+            # "same" pads (d·(k-1)) split with the extra on the right, as torch does; "valid" 0.
+            ph = dh * (kh - 1) if module.padding == "same" else 0
+            pw = dw * (kw - 1) if module.padding == "same" else 0
+            pads = (ph // 2, pw // 2, ph - ph // 2, pw - pw // 2)
+        else:
+            p0, p1 = module.padding
+            pads = (p0, p1, p0, p1)
+        return LayerShape(
+            "conv",
+            module.in_channels,
+            module.out_channels,
+            module.groups,
+            (kh, kw),
+            tuple(module.stride),  # type: ignore[arg-type]
+            pads,
+            (dh, dw),
+            tuple(int(d) for d in in_shape[2:4]),
+            module.bias is not None,
+        )
+    if isinstance(module, nn.Linear):
+        return LayerShape(
+            "linear",
+            module.in_features,
+            module.out_features,
+            spatial=tuple(int(d) for d in in_shape[1:-1]),
+            bias=module.bias is not None,
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- timing one layer
+
+
+def _timed(run: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Milliseconds of one call: calls are repeated in bursts of at least ``_REPEAT_S`` so
+    timer resolution and call overhead do not swamp tiny ops, and the fastest burst counts.
+    The fastest, not the median: other processes only ever add time, and a table entry is
+    the layer's own cost (end-to-end timings, which the verdicts use, take medians)."""
+    for _ in range(2):
+        run()
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    once = max(time.perf_counter() - start, 1e-7)
+    n = max(1, min(200, math.ceil(_REPEAT_S / once)))
+    times = []
+    for _ in range(_REPEATS):
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            run()
+        sync()
+        times.append((time.perf_counter() - start) / n)
+    return min(times) * 1000.0
+
+
+def _onnx_layer(shape: LayerShape, batch: int) -> bytes:
+    """``shape`` as a one-node ONNX model (Conv, or MatMul/Gemm + bias) with random weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = []
+    if shape.kind == "conv":
+        x = helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, [batch, shape.cin, *shape.spatial]
+        )
+        weight = rng.standard_normal(
+            (shape.cout, shape.cin // shape.groups, *shape.kernel), dtype=np.float32
+        )
+        inits.append(numpy_helper.from_array(weight, "w"))
+        inputs = ["x", "w"]
+        if shape.bias:
+            inits.append(numpy_helper.from_array(np.zeros(shape.cout, np.float32), "b"))
+            inputs.append("b")
+        nodes = [
+            helper.make_node(
+                "Conv",
+                inputs,
+                ["y"],
+                group=shape.groups,
+                kernel_shape=list(shape.kernel),
+                strides=list(shape.stride),
+                pads=list(shape.pads),
+                dilations=list(shape.dilation),
+            )
+        ]
+    else:
+        dims = [batch, *shape.spatial, shape.cin]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+        if not shape.spatial:
+            # What torch exports for a Linear on a 2-D input.
+            weight = rng.standard_normal((shape.cout, shape.cin), dtype=np.float32)
+            inits.append(numpy_helper.from_array(weight, "w"))
+            inits.append(numpy_helper.from_array(np.zeros(shape.cout, np.float32), "b"))
+            nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
+        else:
+            weight = rng.standard_normal((shape.cin, shape.cout), dtype=np.float32)
+            inits.append(numpy_helper.from_array(weight, "w"))
+            nodes = [helper.make_node("MatMul", ["x", "w"], ["m" if shape.bias else "y"])]
+            if shape.bias:
+                inits.append(numpy_helper.from_array(np.zeros(shape.cout, np.float32), "b"))
+                nodes.append(helper.make_node("Add", ["m", "b"], ["y"]))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "layer", [x], [y], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _torch_layer(shape: LayerShape) -> nn.Module:
+    if shape.kind == "conv":
+        pads = shape.pads
+        if pads[0] == pads[2] and pads[1] == pads[3]:
+            return nn.Conv2d(
+                shape.cin,
+                shape.cout,
+                shape.kernel,
+                shape.stride,
+                (pads[0], pads[1]),
+                shape.dilation,
+                shape.groups,
+                shape.bias,
+            )
+        return nn.Sequential(
+            nn.ZeroPad2d((pads[1], pads[3], pads[0], pads[2])),
+            nn.Conv2d(
+                shape.cin,
+                shape.cout,
+                shape.kernel,
+                shape.stride,
+                0,
+                shape.dilation,
+                shape.groups,
+                shape.bias,
+            ),
+        )
+    return nn.Linear(shape.cin, shape.cout, bias=shape.bias)
+
+
+def time_layer(shape: LayerShape, dep: DeploymentConfig) -> float:
+    """Milliseconds one call of the layer takes on the deployment, at its batch size.
+
+    ONNX Runtime: the one-node model in a session with the deployment's threads and provider.
+    torch runtimes: the module itself (a single layer calls the same kernel traced or not)."""
+    batch = dep.batch_size
+    if dep.runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if dep.threads is not None:
+            options.intra_op_num_threads = dep.threads
+            options.inter_op_num_threads = 1
+        providers: list[object] = ["CPUExecutionProvider"]
+        if dep.device == "cuda":
+            providers = ["CUDAExecutionProvider"]
+            if dep.provider == "tensorrt":
+                providers.insert(0, "TensorrtExecutionProvider")
+        sess = ort.InferenceSession(
+            _onnx_layer(shape, batch), sess_options=options, providers=providers
+        )
+        dims = [batch, shape.cin, *shape.spatial] if shape.kind == "conv" else None
+        if dims is None:
+            dims = [batch, *shape.spatial, shape.cin]
+        feed = {"x": np.random.default_rng(1).standard_normal(dims, dtype=np.float32)}
+        return _timed(lambda: sess.run(None, feed), lambda: None)
+    device = torch.device("cuda" if dep.device == "cuda" else "cpu")
+    dtype = torch.float16 if dep.dtype == "fp16" else torch.float32
+    module = _torch_layer(shape).to(device=device, dtype=dtype).eval()
+    if shape.kind == "conv":
+        x = torch.randn(batch, shape.cin, *shape.spatial, device=device, dtype=dtype)
+    else:
+        x = torch.randn(batch, *shape.spatial, shape.cin, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run() -> object:
+        with torch.no_grad():
+            return module(x)
+
+    previous = torch.get_num_threads()
+    if dep.threads is not None:
+        torch.set_num_threads(dep.threads)
+    try:
+        return _timed(run, sync)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _versions() -> str:
+    import importlib.metadata
+
+    out = [f"torch {torch.__version__}"]
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        out.append(f"onnxruntime {importlib.metadata.version('onnxruntime')}")
+    return ", ".join(out)
+
+
+@dataclass
+class LatencyTable:
+    """Layer timings of one deployment on one machine, in memory and (with ``path``) on disk.
+
+    The file name is a digest of the deployment, the hardware description and the runtime
+    versions, so a table is only ever reused where its numbers were measured. ``measured``
+    and ``reused`` count this run's lookups; ``build_s`` is the time spent measuring."""
+
+    deployment: DeploymentConfig
+    path: Path | None = None
+    entries: dict[str, float] = field(default_factory=dict)
+    measured: int = 0
+    reused: int = 0
+    build_s: float = 0.0
+    hardware: str = ""
+    timer: Callable[[LayerShape, DeploymentConfig], float] = time_layer
+    ident: str = ""
+    _dirty: bool = False
+
+    @classmethod
+    def open(
+        cls,
+        deployment: DeploymentConfig,
+        cache_dir: Path | None,
+        timer: Callable[[LayerShape, DeploymentConfig], float] = time_layer,
+    ) -> LatencyTable:
+        """The table for ``deployment`` on this machine, read from ``cache_dir`` when a
+        matching one is there (an unreadable file is ignored and rebuilt)."""
+        device = torch.device("cuda" if deployment.device == "cuda" else "cpu")
+        previous = torch.get_num_threads()
+        if deployment.threads is not None:
+            torch.set_num_threads(deployment.threads)
+        try:
+            hardware = describe_device(device)
+        finally:
+            torch.set_num_threads(previous)
+        ident = json.dumps(
+            [_TABLE_VERSION, deployment.label(), hardware, _versions()], separators=(",", ":")
+        )
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"latency-{digest}.json" if cache_dir is not None else None
+        table = cls(deployment, path, hardware=hardware, timer=timer, ident=ident)
+        if path is not None and path.is_file():
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                if raw.get("ident") == ident:
+                    table.entries = {str(k): float(v) for k, v in raw["entries"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                table.entries = {}
+        return table
+
+    def ms(self, shape: LayerShape) -> float:
+        """The layer's time on the deployment: from the table, or measured now and added."""
+        key = shape.key()
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.reused += 1
+            return hit
+        start = time.perf_counter()
+        value = float(self.timer(shape, self.deployment))
+        self.build_s += time.perf_counter() - start
+        self.entries[key] = value
+        self.measured += 1
+        self._dirty = True
+        return value
+
+    def save(self) -> None:
+        """Write the table (atomically; concurrent writers each leave a whole file)."""
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "ident": self.ident,
+            "deployment": self.deployment.label(),
+            "hardware": self.hardware,
+            "entries": self.entries,
+        }
+        atomic_write_text(self.path, json.dumps(body, sort_keys=True))
+        self._dirty = False
+
+
+# --------------------------------------------------------------------------- group curves
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Predicted milliseconds of a group's layers at each candidate width (ascending), with
+    the widths that are fast (no wider candidate measured as fast)."""
+
+    widths: tuple[int, ...]
+    ms: tuple[float, ...]
+
+    def at(self, width: int) -> float:
+        return float(np.interp(width, self.widths, self.ms))
+
+    def fast_widths(self) -> list[int]:
+        """Widths kept by the staircase rule: w stays only if every wider candidate is slower
+        than w by more than ``_SAME``."""
+        out = []
+        best_wider = math.inf
+        for w, t in zip(reversed(self.widths), reversed(self.ms), strict=True):
+            if t * (1 + _SAME) < best_wider:
+                out.append(w)
+            best_wider = min(best_wider, t)
+        return sorted(out)
+
+
+def member_layers(
+    producers: Iterable[tuple[str, nn.Module]],
+    consumers: Iterable[tuple[str, nn.Module]],
+    in_shapes: dict[str, tuple[int, ...]],
+) -> list[tuple[LayerShape, str]]:
+    """The layers a group's width changes, each once, with the role the width plays in it
+    ("out", "in", or "both" for a layer on both sides)."""
+    roles: dict[str, tuple[nn.Module, set[str]]] = {}
+    for role, members in (("out", producers), ("in", consumers)):
+        for name, module in members:
+            roles.setdefault(name, (module, set()))[1].add(role)
+    out = []
+    for name, (module, rs) in roles.items():
+        shape_in = in_shapes.get(name)
+        shape = layer_shape(module, shape_in) if shape_in is not None else None
+        if shape is None:
+            continue
+        out.append((shape, "both" if len(rs) == 2 else next(iter(rs))))
+    return out
+
+
+def group_curve(
+    layers: list[tuple[LayerShape, str]], width: int, keep_min: int, table: LatencyTable
+) -> Curve:
+    """The group's summed layer times at every width of ``width_grid(width, keep_min)``."""
+    widths = width_grid(width, keep_min)
+    totals = [sum(table.ms(s.with_width(role, w)) for s, role in layers) for w in widths]
+    return Curve(tuple(widths), tuple(totals))
+
+
+__all__ = [
+    "Curve",
+    "LatencyTable",
+    "LayerShape",
+    "grid_step",
+    "group_curve",
+    "layer_shape",
+    "member_layers",
+    "time_layer",
+    "width_grid",
+]

@@ -1,0 +1,244 @@
+"""Latency targets: the measured cost model, selection by importance per millisecond, and the
+stop rule, on resnet18 and real digits in ONNX Runtime on this CPU.
+
+Timings are never asserted against fixed numbers here (that is bench/latency_target's job);
+the tests check what must hold however fast the machine is: a met target is measured as met,
+an impossible one is reported missed (or fails the job when asked), the table is reused."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from flow_compress.config import CompressionConfig, DeploymentConfig
+from flow_compress.errors import BudgetExceededError, DeploymentUnavailableError
+from flow_compress.graph import PruningGraph
+from flow_compress.graph.latency_cost import (
+    Curve,
+    LatencyTable,
+    LayerShape,
+    group_curve,
+    layer_shape,
+    member_layers,
+    time_layer,
+    width_grid,
+)
+from flow_compress.models import build_model
+from flow_compress.pipeline import compress
+from flow_compress.pipeline.latency_selection import Option, select_by_latency
+from flow_compress.schema import speedup_verdict
+from tests.flow_compress.conftest import SIZE, small_config
+
+DEPLOY = {"runtime": "onnxruntime", "threads": 1, "runs": 9, "warmup": 2}
+
+
+def latency_config(**overrides: object) -> CompressionConfig:
+    raw = small_config().model_dump()
+    raw.pop("target_macs")
+    raw["prune"] = {**raw["prune"], "ranking": "score_per_ms", "steps": 3}
+    raw["truncate"] = {**raw["truncate"], "enabled": False}
+    raw["latency"] = {"enabled": False}
+    raw["export"] = {**raw["export"], "formats": ["onnx"]}
+    raw["deployment"] = DEPLOY
+    raw.update(overrides)
+    return CompressionConfig.model_validate(raw)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_a_latency_target_brings_its_defaults() -> None:
+    cfg = CompressionConfig(model="resnet18", dataset="digits", target_speedup=2.0)
+    assert cfg.target_macs is None and cfg.deployment == DeploymentConfig()
+    assert cfg.prune.ranking == "score_per_ms"
+    plain = CompressionConfig(model="resnet18", dataset="digits")
+    assert plain.target_macs == 0.3 and plain.deployment is None
+    assert plain.prune.ranking == "score"
+    chosen = CompressionConfig(
+        model="resnet18", dataset="digits", target_speedup=2.0, prune={"ranking": "score"}
+    )
+    assert chosen.prune.ranking == "score"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"prune": {"ranking": "score_per_ms"}},
+        {"deployment": {"provider": "tensorrt"}},
+        {"deployment": {"dtype": "fp16"}},
+        {"target_speedup": 0.5},
+    ],
+)
+def test_inconsistent_latency_settings_are_refused(raw: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        CompressionConfig(model="resnet18", dataset="digits", **raw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_a_cuda_deployment_is_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = latency_config(deployment={"device": "cuda"}, target_speedup=2.0)
+    with pytest.raises(DeploymentUnavailableError) as err:
+        compress(cfg, weights=None, out_dir=tmp_path / "out")
+    assert err.value.code == "deployment_unavailable"
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_layer_table_is_measured_once_and_reused_from_disk(tmp_path: Path) -> None:
+    dep = DeploymentConfig(threads=1)
+    shapes = [
+        LayerShape("conv", 16, w, kernel=(3, 3), pads=(1, 1, 1, 1), spatial=(8, 8))
+        for w in (8, 16, 24)
+    ] + [LayerShape("linear", 32, 10), LayerShape("linear", 32, 64, spatial=(5,))]
+    table = LatencyTable.open(dep, tmp_path)
+    first = [table.ms(s) for s in shapes]
+    assert table.measured == len(shapes) and all(t > 0 for t in first)
+    table.save()
+    again = LatencyTable.open(dep, tmp_path)
+    assert [again.ms(s) for s in shapes] == first
+    assert again.measured == 0 and again.reused == len(shapes)
+    other = LatencyTable.open(DeploymentConfig(threads=1, batch_size=4), tmp_path)
+    assert other.path != table.path and not other.entries
+
+
+def test_torch_runtimes_time_layers_too() -> None:
+    dep = DeploymentConfig(runtime="eager", threads=1)
+    shape = LayerShape("conv", 8, 8, groups=8, kernel=(3, 3), pads=(1, 1, 1, 1), spatial=(8, 8))
+    assert time_layer(shape, dep) > 0
+    assert time_layer(LayerShape("linear", 8, 4, spatial=(3,)), dep) > 0
+
+
+def test_fast_widths_drop_widths_no_faster_than_a_wider_one() -> None:
+    # A staircase with blocks of 8: inside a block a narrower width costs the same.
+    widths = tuple(range(8, 33, 4))
+    ms = tuple(float(math.ceil(w / 8)) for w in widths)
+    fast = Curve(widths, ms).fast_widths()
+    assert fast == [8, 16, 24, 32]
+    assert width_grid(100, 10) == [10, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 100]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _blocky(shape: LayerShape, _dep: DeploymentConfig) -> float:
+    """A runtime whose kernels work on blocks of 16 output channels (a stand-in for a
+    measured staircase, so the selection's logic is checked exactly)."""
+    blocks = math.ceil(shape.cout / 16) * math.ceil(shape.cin / 16)
+    return blocks * math.prod(shape.spatial or (1,)) * shape.kernel[0] * shape.kernel[1] * 1e-3
+
+
+def test_selection_cuts_to_fast_widths_lowest_scores_first_until_the_need_is_met() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, in_chans=1, input_size=SIZE).eval()
+    x = torch.randn(1, 1, SIZE, SIZE)
+    graph = PruningGraph(model, x, ignored=[model.fc])
+    table = LatencyTable(DeploymentConfig(), timer=_blocky)
+    options = []
+    for g in graph.groups():
+        layers = member_layers(
+            ((m.name, m.module) for m in g.producers),
+            ((m.name, m.module) for m in g.consumers),
+            graph.in_shapes,
+        )
+        options.append(
+            Option(g, torch.rand(g.size), 4, group_curve(layers, g.size, 4, table) or None)
+        )
+    total = sum(o.curve.at(o.group.size) for o in options if o.curve is not None)
+    sel = select_by_latency(options, 0.3 * total, 0.0, ms_per_mac=1e-9)
+    assert sel.saved_ms >= 0.3 * total
+    by_name = {o.group.root_name: o for o in options}
+    for name, idxs in sel.removals.items():
+        opt = by_name[name]
+        kept = opt.group.size - len(idxs)
+        assert kept % 16 == 0 or kept == opt.keep_min, (name, kept)
+        # the removed units are the group's lowest-scored ones
+        order = torch.argsort(opt.scores).tolist()
+        assert sorted(idxs) == sorted(order[: len(idxs)])
+    # saving nothing asked: nothing cut
+    assert not select_by_latency(options, 0.0, 0.0, ms_per_mac=1e-9).removals
+
+
+def test_layer_shapes_follow_the_graph_input_shapes() -> None:
+    model = build_model("resnet18", 10, in_chans=1, input_size=SIZE).eval()
+    graph = PruningGraph(model, torch.randn(1, 1, SIZE, SIZE), ignored=[model.fc])
+    shape = layer_shape(model.layer2[0].conv1, graph.in_shapes["layer2.0.conv1"])
+    assert shape is not None
+    assert (shape.cin, shape.cout, shape.stride, shape.spatial) == (64, 128, (2, 2), (4, 4))
+    assert layer_shape(model.fc, graph.in_shapes["fc"]) == LayerShape("linear", 512, 10)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_a_reachable_speedup_target_is_met_and_measured(
+    trained_weights: Path, tmp_path: Path
+) -> None:
+    cfg = latency_config(target_speedup=1.3)
+    report = compress(
+        cfg, weights=trained_weights, out_dir=tmp_path / "out", latency_cache=tmp_path / "cache"
+    )
+    d = report.deployment
+    assert d is not None and d.deployment == cfg.deployment.label()
+    assert d.latency_target_met is True and report.target_met is True
+    assert d.speedup >= 1.3 and d.verdict == "faster"
+    assert report.speedup == pytest.approx(round(d.speedup, 4))
+    assert report.speedup_runtime == d.deployment
+    pruning = [s for s in report.steps if s.stage == "Filter Prune"]
+    assert pruning and all(s.latency_ms and s.predicted_latency_ms for s in pruning)
+    assert report.steps[0].latency_ms is not None
+    assert d.cost_model is not None and d.cost_model.steps_checked == len(pruning)
+    assert d.cost_model.table_entries > 0 and d.cost_model.cache_file
+    assert Path(d.cost_model.cache_file).is_file()
+    assert report.macs_ratio < 1.0 and (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_an_unreachable_speedup_target_fails_the_job_when_asked(
+    trained_weights: Path, tmp_path: Path
+) -> None:
+    cfg = latency_config(
+        target_speedup=500.0,
+        on_target_missed="fail",
+        prune={"steps": 2, "ranking": "score_per_ms", "calibration_batches": 1},
+    )
+    with pytest.raises(BudgetExceededError) as err:
+        compress(cfg, weights=trained_weights, out_dir=tmp_path / "out")
+    assert "latency target" in err.value.message and "budget" in err.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_target_is_published_as_missed(
+    trained_weights: Path, tmp_path: Path
+) -> None:
+    cfg = latency_config(
+        target_latency_ms=1e-4,
+        prune={"steps": 2, "ranking": "score_per_ms", "calibration_batches": 1},
+    )
+    report = compress(cfg, weights=trained_weights, out_dir=tmp_path / "out")
+    d = report.deployment
+    assert d is not None and d.latency_target_met is False and report.target_met is False
+    assert d.verdict == speedup_verdict(d.speedup, d.spread)
+    assert any("latency target" in n for n in report.notes)
+
+
+def test_a_macs_target_with_a_deployment_times_every_step(
+    trained_weights: Path, tmp_path: Path
+) -> None:
+    raw = small_config().model_dump()
+    raw["deployment"] = DEPLOY
+    raw["latency"] = {"enabled": False}
+    raw["truncate"] = {**raw["truncate"], "enabled": False}
+    raw["export"] = {**raw["export"], "formats": ["onnx"]}
+    cfg = CompressionConfig.model_validate(raw)
+    assert cfg.prune.ranking == "score"
+    report = compress(cfg, weights=trained_weights, out_dir=tmp_path / "out")
+    assert all(s.latency_ms is not None for s in report.steps)
+    assert all(s.predicted_latency_ms is None for s in report.steps)
+    d = report.deployment
+    assert d is not None and d.latency_target_met is None and d.cost_model is None
+    assert report.target_met == (report.macs_ratio <= 0.5 * 1.01)
