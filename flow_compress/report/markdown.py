@@ -12,7 +12,15 @@ import math
 from collections.abc import Sequence
 
 from flow_compress.export import EAGER_RUNTIME, exporters
-from flow_compress.schema import CompressionReport, LatencyRecord, StepRecord
+from flow_compress.schema import (
+    SPEEDUP_NOISE,
+    TARGET_SLACK,
+    CompressionReport,
+    CostModelStats,
+    DeploymentOutcome,
+    LatencyRecord,
+    StepRecord,
+)
 
 # --------------------------------------------------------------------------- formatting
 
@@ -73,11 +81,62 @@ def _ratio_change(ratio: float) -> str:
     return f"×{ratio:.3f} ({(ratio - 1) * 100:+.1f} %)"
 
 
+def _split_runtime(name: str) -> tuple[str, int | None]:
+    """'onnxruntime@b1' -> ('onnxruntime', 1); a bare runtime has no batch."""
+    runtime, sep, batch = name.partition("@b")
+    return (runtime, int(batch)) if sep and batch.isdigit() else (name, None)
+
+
 def _runtime(name: str | None) -> str:
-    """A latency runtime as people know it: the eager module, or a format's runtime label."""
+    """A latency runtime as people know it: the eager module, or a format's runtime label.
+
+    Takes a bare runtime (``onnxruntime``), a headline's ``runtime@bN`` (the batch is left to
+    the caller) or a deployment's runtime with its provider (``onnxruntime+tensorrt``)."""
     labels = {EAGER_RUNTIME: "PyTorch eager"}
     labels |= {e.runtime: e.runtime_label or e.runtime for e in exporters() if e.runtime}
-    return labels.get(name or "", name or "")
+    runtime, _ = _split_runtime(name or "")
+    runtime, _, provider = runtime.partition("+")
+    label = labels.get(runtime, runtime)
+    providers = {"tensorrt": "TensorRT"}
+    return f"{label} ({providers.get(provider, provider)} provider)" if provider else label
+
+
+def _deployment_runtime(d: DeploymentOutcome) -> str:
+    # The label's first part carries the provider (onnxruntime+tensorrt); ``runtime`` does not.
+    first = d.deployment.split("/", 1)[0]
+    return _runtime(first if first.startswith(d.runtime) else d.runtime)
+
+
+def _noise_pct(d: DeploymentOutcome) -> float:
+    """Half-width, in percent, of the band around 1 that ``schema.speedup_verdict`` calls noise."""
+    return max(SPEEDUP_NOISE, d.spread / 2) * 100
+
+
+def _verdict_text(d: DeploymentOutcome) -> str:
+    if d.verdict == "no faster":
+        return f"**no faster** (within the measurement noise, ±{_noise_pct(d):.1f} %)"
+    return f"**{d.verdict}**"
+
+
+def _latency_targets(d: DeploymentOutcome) -> str:
+    """'≤ 2.00 ms per batch and ≥ 2.00× speed-up', or '' without a latency target."""
+    wanted = []
+    if d.target_latency_ms is not None:
+        wanted.append(f"≤ {_ms(d.target_latency_ms)} ms per batch")
+    if d.target_speedup is not None:
+        wanted.append(f"≥ {d.target_speedup:.2f}× speed-up")
+    return " and ".join(wanted)
+
+
+def _macs_target_met(report: CompressionReport) -> bool | None:
+    """The MACs target's own verdict: ``target_met`` also covers the latency target, so where
+    that was missed the MACs verdict comes from the ratio, as stage 1 judged it."""
+    d, target = report.deployment, report.config.target_macs
+    if report.target_met is None or target is None:
+        return report.target_met
+    if d is None or d.latency_target_met is not False:
+        return report.target_met
+    return report.macs_ratio <= target * TARGET_SLACK
 
 
 def _format(name: str) -> str:
@@ -92,9 +151,16 @@ def _format(name: str) -> str:
 
 
 def _headline_latency(report: CompressionReport) -> LatencyRecord | None:
-    if report.speedup is None:
+    """The latency row the headline speed-up came from; None with a deployment (whose own
+    outcome is the headline) or when no row matches."""
+    if report.speedup is None or report.deployment is not None:
         return None
-    candidates = [r for r in report.latency if r.runtime == report.speedup_runtime]
+    runtime, batch = _split_runtime(report.speedup_runtime or "")
+    candidates = [
+        r
+        for r in report.latency
+        if r.runtime == runtime and (batch is None or r.batch_size == batch)
+    ]
     for record in sorted(candidates, key=lambda r: r.batch_size):
         if math.isclose(record.speedup, report.speedup, rel_tol=1e-6):
             return record
@@ -114,6 +180,16 @@ def _headline(report: CompressionReport) -> list[str]:
             _ratio_change(report.params_ratio),
         ],
     ]
+    d = report.deployment
+    if d is not None:
+        rows.append(
+            [
+                f"Latency (ms), {d.deployment}",
+                _ms(d.base_ms),
+                _ms(d.pruned_ms),
+                f"{d.speedup:.2f}× speed-up ({d.verdict})",
+            ]
+        )
     lines = [
         f"# Compression report: {report.model} on {report.dataset}",
         "",
@@ -128,29 +204,142 @@ def _headline(report: CompressionReport) -> list[str]:
     return lines
 
 
+def _deployment_sentences(d: DeploymentOutcome) -> list[str]:
+    """The speed-up on the job's deployment and the latency target's verdict. The verdict word
+    is the report's own (``deployment.verdict``): a speed-up inside the noise never reads as
+    faster."""
+    parts = [
+        f"On its deployment `{d.deployment}` ({_deployment_runtime(d)} on {d.device}) the "
+        f"pruned model runs at **{d.speedup:.2f}×** the base's speed, {_ms(d.base_ms)} → "
+        f"{_ms(d.pruned_ms)} ms per batch of {d.batch_size}: it is {_verdict_text(d)}."
+    ]
+    wanted = _latency_targets(d)
+    if wanted and d.latency_target_met is not None:
+        verdict = "**met**" if d.latency_target_met else "**missed** within the accuracy budget"
+        parts.append(f"Latency target ({wanted}): {verdict}.")
+    return parts
+
+
 def _summary_sentence(report: CompressionReport) -> str:
     cfg = report.config
-    if report.target_met is None:
+    macs_met = _macs_target_met(report)
+    if cfg.target_macs is None:
+        target = "no MACs target"
+    elif macs_met is None:
         target = f"target {cfg.target_macs * 100:.1f} %"
-    elif report.target_met:
+    elif macs_met:
         target = f"target {cfg.target_macs * 100:.1f} %: **met**"
     else:
         target = f"target {cfg.target_macs * 100:.1f} %: **missed** within the accuracy budget"
-    parts = [
+    macs = (
         f"The pruned model keeps {report.macs_ratio * 100:.1f} % of the base model's MACs "
         f"({target}) and {report.params_ratio * 100:.1f} % of its "
         f"parameters, at a top-1 drop of {report.top1_drop:.2f} points on the test split "
         f"(budget {cfg.max_drop:.2f})."
-    ]
+    )
+    if report.deployment is not None:
+        # The deployment is where the model will run: its speed-up leads.
+        return " ".join([*_deployment_sentences(report.deployment), macs])
+    parts = [macs]
     record = _headline_latency(report)
     if report.speedup is not None:
         where = f" with {_runtime(report.speedup_runtime)}" if report.speedup_runtime else ""
         if record is not None:
             where += f" at batch {record.batch_size} on {record.device}, {record.dtype}"
+        else:
+            _, batch = _split_runtime(report.speedup_runtime or "")
+            where += f" at batch {batch}" if batch is not None else ""
         parts.append(f"Measured speed-up: **{report.speedup:.2f}×**{where}.")
     else:
         parts.append("No latency was measured.")
     return " ".join(parts)
+
+
+def _cost_model_lines(c: CostModelStats) -> list[str]:
+    rows: list[list[object]] = [
+        ["Table entries (layer shapes)", f"{c.table_entries:,}"],
+        ["Layer timings measured in this run", f"{c.measured:,}"],
+        ["Lookups answered by the table", f"{c.reused:,}"],
+        ["Seconds spent timing layers", f"{c.build_s:.1f}"],
+    ]
+    if c.cache_file:
+        rows.append(["Table file", f"`{c.cache_file}`"])
+    rows.append(["Steps checked against a measurement", c.steps_checked])
+    if c.mean_abs_error_pct is not None:
+        rows.append(["Mean prediction error", f"{c.mean_abs_error_pct:.1f} %"])
+    if c.max_abs_error_pct is not None:
+        rows.append(["Largest prediction error", f"{c.max_abs_error_pct:.1f} %"])
+    if c.steps_checked and c.mean_abs_error_pct is not None:
+        meaning = (
+            "The prediction error is |predicted − measured| ÷ measured for each checked "
+            "stage-1 step: the latency the cost model predicted from its per-layer table "
+            "before the step, against the end-to-end median measured on the deployment after "
+            "it (the dynamics table's Predicted and Latency columns). A small error means the "
+            "ranking by score per millisecond saved chose by what the deployment really pays; "
+            "a large one means layer timings add up poorly there (fusion, overheads) and the "
+            "ranking was closer to a guess."
+        )
+    else:
+        meaning = "No step's prediction was checked against an end-to-end measurement."
+    return [
+        "### Cost model",
+        "",
+        "Stage 1 ranked channels by score per millisecond saved, the milliseconds coming from a "
+        "table of layer timings measured on the deployment (reused across runs on the same "
+        "deployment and machine).",
+        "",
+        *md_table(["Item", "Value"], rows),
+        "",
+        meaning,
+        "",
+    ]
+
+
+def _deployment_section(report: CompressionReport) -> list[str]:
+    d = report.deployment
+    if d is None:
+        return []
+    dep = report.config.deployment
+    how = (
+        f"median of {dep.runs} timed runs after {dep.warmup} warm-up runs"
+        if dep is not None
+        else "median of the timed runs after warm-up"
+    )
+    rows: list[list[object]] = [
+        ["Deployment", f"`{d.deployment}`"],
+        ["Runtime", _deployment_runtime(d)],
+        ["Hardware", d.device],
+        ["Batch", d.batch_size],
+        ["Precision", d.dtype],
+        ["Threads", d.threads if d.threads else "the runtime's default"],
+        ["Base (ms)", _ms(d.base_ms)],
+        ["Pruned (ms)", _ms(d.pruned_ms)],
+        ["Speed-up", f"**{d.speedup:.2f}×**"],
+        ["Spread (interquartile range ÷ median)", f"{d.spread * 100:.1f} %"],
+        ["Verdict", _verdict_text(d)],
+    ]
+    if d.target_latency_ms is not None:
+        rows.append(["Latency target", f"≤ {_ms(d.target_latency_ms)} ms per batch"])
+    if d.target_speedup is not None:
+        rows.append(["Speed-up target", f"≥ {d.target_speedup:.2f}×"])
+    if d.latency_target_met is not None:
+        rows.append(["Latency target reached", "**met**" if d.latency_target_met else "**missed**"])
+    else:
+        rows.append(["Latency target reached", "no latency target was given"])
+    lines = [
+        "## Deployment",
+        "",
+        f"Base and pruned models timed on the job's deployment, alternating run by run in one "
+        f"process ({how}). The verdict takes the measurement's noise into account: within "
+        f"±{_noise_pct(d):.1f} % of 1 (the larger of {SPEEDUP_NOISE * 100:.0f} % and half the "
+        "spread) the pruned model is reported as no faster.",
+        "",
+        *md_table(["Item", "Value"], rows),
+        "",
+    ]
+    if d.cost_model is not None:
+        lines += _cost_model_lines(d.cost_model)
+    return lines
 
 
 def _latency_section(records: Sequence[LatencyRecord]) -> list[str]:
@@ -299,11 +488,35 @@ def _dynamics_section(steps: Sequence[StepRecord]) -> list[str]:
         "tried and undone (the model continued from the previous row).",
         "",
     ]
+    # Reports without a deployment keep the table they always had.
+    measured = any(s.latency_ms is not None for s in steps)
+    predicted = any(s.predicted_latency_ms is not None for s in steps)
+    if measured or predicted:
+        lines[-1:] = [
+            "Latency (ms) is the median measured on the deployment after the step; Predicted "
+            "(ms) is what the cost model expected before it was taken.",
+            "",
+        ]
+    header = ["Step", "Stage", "GMACs", "Params (M)", "Top-1", "Top-5"]
+    header += ["Latency (ms)"] if measured else []
+    header += ["Predicted (ms)"] if predicted else []
     rows: list[list[object]] = []
     for s in steps:
         step = str(s.step) if s.accepted else f"{s.step} (rolled back)"
-        rows.append([step, s.stage, _gmacs(s.macs), _mparams(s.params), _pct(s.top1), _pct(s.top5)])
-    lines += md_table(["Step", "Stage", "GMACs", "Params (M)", "Top-1", "Top-5"], rows, "llrrrr")
+        row: list[object] = [
+            step,
+            s.stage,
+            _gmacs(s.macs),
+            _mparams(s.params),
+            _pct(s.top1),
+            _pct(s.top5),
+        ]
+        if measured:
+            row.append(_ms(s.latency_ms) if s.latency_ms is not None else "-")
+        if predicted:
+            row.append(_ms(s.predicted_latency_ms) if s.predicted_latency_ms is not None else "-")
+        rows.append(row)
+    lines += md_table(header, rows, "ll" + "r" * (len(header) - 2))
     details = [s for s in steps if s.detail]
     if details:
         lines += ["", "Step notes:", ""]
@@ -469,7 +682,26 @@ def _settings_section(report: CompressionReport) -> list[str]:
         f"{r.final_iters} final"
     )
     rows: list[list[object]] = [
-        ["MACs target", f"{cfg.target_macs * 100:.1f} % of the base"],
+        [
+            "MACs target",
+            f"{cfg.target_macs * 100:.1f} % of the base"
+            if cfg.target_macs is not None
+            else "none (latency target only)",
+        ],
+    ]
+    if cfg.target_latency_ms is not None:
+        rows.append(["Latency target", f"≤ {_ms(cfg.target_latency_ms)} ms per batch"])
+    if cfg.target_speedup is not None:
+        rows.append(["Speed-up target", f"≥ {cfg.target_speedup:.2f}×"])
+    if cfg.deployment is not None:
+        dep = cfg.deployment
+        rows.append(
+            [
+                "Deployment",
+                f"`{dep.label()}` ({dep.warmup} warm-up, {dep.runs} timed runs per measurement)",
+            ]
+        )
+    rows += [
         ["If the target is missed", cfg.on_target_missed],
         [
             "Output bound",
@@ -526,17 +758,21 @@ def render_markdown(report: CompressionReport) -> str:
     """The report as a Markdown document for people.
 
     Sections: headline (model, dataset, base -> pruned test top-1/top-5, GMACs with FLOPs = 2 x
-    MACs stated, params, the headline speed-up with its runtime and device), latency table,
+    MACs stated, params, the headline speed-up with its runtime and device; with a deployment,
+    its speed-up, verdict and latency target lead), the deployment (outcome, targets, cost
+    model and its prediction error) when the job named one, latency table,
     with quantized variants the combination table (Variant | Precision | GMACs | Top-1 |
     Top-5 | Size (MB) | ONNX Runtime latency and speed-up per device and batch) and the
     quantized models' checks,
     compression-dynamics table (Step | Stage | GMACs | Params (M) | Top-1 | Top-5 on the
-    validation split), output guarantee (p99 of the relative squared error), export parity,
+    validation split, plus Latency (ms) and Predicted (ms) where steps were timed), output
+    guarantee (p99 of the relative squared error), export parity,
     the input contract, time per stage, settings, environment, notes. No raw JSON.
     """
     lines = [
         *_headline(report),
         "",
+        *_deployment_section(report),
         *_latency_section(report.latency),
         *_combination_section(report),
         *_quantized_section(report),

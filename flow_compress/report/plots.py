@@ -1,4 +1,5 @@
-"""The compression-dynamics plots of a report: MACs, parameters and validation top-1 per step.
+"""The compression-dynamics plots of a report: MACs, parameters and validation top-1 per step,
+and, where the steps were timed on a deployment, speed-up against the MACs kept.
 
 matplotlib's object-oriented API on Agg canvases (``matplotlib.figure.Figure``), never
 ``pyplot``: no global backend switch, no GUI, safe in worker processes and threads.
@@ -7,6 +8,7 @@ matplotlib's object-oriented API on Agg canvases (``matplotlib.figure.Figure``),
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-PLOT_NAMES = ("macs.png", "params.png", "top1.png", "dynamics.png")
+PLOT_NAMES = ("macs.png", "params.png", "top1.png", "dynamics.png", "speedup.png")
 
 # Colour-blind-safe (Okabe-Ito) colours and distinct markers, so stages also separate in grey.
 STAGE_STYLE: dict[Stage, tuple[str, str]] = {
@@ -67,13 +69,14 @@ def _draw_panel(ax: Axes, report: CompressionReport, key: str, *, legend: bool) 
         base_value = baseline.top1 if baseline else report.base.top1
 
     ax.axhline(base_value, color="#7f7f7f", linestyle="--", linewidth=1.0, label="base", zorder=1)
-    if key == "macs":
+    target_macs = report.config.target_macs
+    if key == "macs" and target_macs is not None:
         ax.axhline(
-            base_value * report.config.target_macs,
+            base_value * target_macs,
             color="#CC79A7",
             linestyle=":",
             linewidth=1.4,
-            label=f"MACs target ({report.config.target_macs * 100:.0f} % of base)",
+            label=f"MACs target ({target_macs * 100:.0f} % of base)",
             zorder=1,
         )
     if key == "top1":
@@ -154,6 +157,123 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _reference_step(report: CompressionReport) -> StepRecord | None:
+    """The step speed-ups are measured against: the baseline, timed on the deployment."""
+    reference = _baseline_step(report) or (report.steps[0] if report.steps else None)
+    return reference if reference is not None and reference.latency_ms else None
+
+
+def _draw_speedup(fig: Figure, report: CompressionReport) -> bool:
+    """Speed-up on the deployment against the MACs kept, one point per timed step (stages by
+    colour and marker, rolled-back steps hollow, the cost model's predictions as crosses);
+    False when fewer than two steps were timed."""
+    reference = _reference_step(report)
+    timed = [s for s in report.steps if s.latency_ms]
+    if reference is None or len(timed) < 2:
+        return False
+    base_ms, base_macs = float(reference.latency_ms or 0), reference.macs
+
+    def x(s: StepRecord) -> float:
+        return s.macs / base_macs * 100
+
+    def y(ms: float | None) -> float:
+        return base_ms / ms if ms else math.nan
+
+    ax = fig.add_subplot()
+    ax.axhline(1.0, color="#7f7f7f", linestyle="--", linewidth=1.0, label="base (1×)", zorder=1)
+    d = report.deployment
+    target_speedup = report.config.target_speedup
+    if target_speedup is not None:
+        ax.axhline(
+            target_speedup,
+            color="#CC79A7",
+            linestyle=":",
+            linewidth=1.4,
+            label=f"speed-up target ({target_speedup:g}×)",
+            zorder=1,
+        )
+    target_ms = report.config.target_latency_ms
+    if target_ms is not None:
+        ax.axhline(
+            base_ms / target_ms,
+            color="#CC79A7",
+            linestyle="-.",
+            linewidth=1.2,
+            label=f"latency target ({target_ms:g} ms)",
+            zorder=1,
+        )
+    accepted = [s for s in timed if s.accepted]
+    if accepted:
+        ax.plot(
+            [x(s) for s in accepted],
+            [y(s.latency_ms) for s in accepted],
+            color="#bbbbbb",
+            linewidth=1.5,
+            zorder=2,
+        )
+    for stage, (color, marker) in STAGE_STYLE.items():
+        points = [s for s in accepted if s.stage == stage]
+        if points:
+            ax.scatter(
+                [x(s) for s in points],
+                [y(s.latency_ms) for s in points],
+                color=color,
+                marker=marker,
+                s=42,
+                label=stage,
+                zorder=3,
+                edgecolors="white",
+                linewidths=0.6,
+            )
+    rejected = [s for s in timed if not s.accepted]
+    if rejected:
+        ax.scatter(
+            [x(s) for s in rejected],
+            [y(s.latency_ms) for s in rejected],
+            facecolors="none",
+            edgecolors="#7f7f7f",
+            marker="o",
+            s=42,
+            label="rolled back",
+            zorder=3,
+        )
+    predicted = [s for s in report.steps if s.predicted_latency_ms]
+    if predicted:
+        ax.scatter(
+            [x(s) for s in predicted],
+            [y(s.predicted_latency_ms) for s in predicted],
+            color="#E69F00",
+            marker="x",
+            s=30,
+            label="cost model's prediction",
+            zorder=4,
+        )
+    if d is not None:
+        # The final measurement times base and pruned afresh, so it may differ from the last
+        # step's; it is the one the report's verdict rests on.
+        ax.scatter(
+            [report.macs_ratio * 100],
+            [d.speedup],
+            color="#56B4E9",
+            marker="*",
+            s=140,
+            label=f"final: {d.speedup:.2f}× ({d.verdict})",
+            zorder=5,
+            edgecolors="black",
+            linewidths=0.5,
+        )
+    where = d.deployment if d is not None else "the deployment"
+    ax.set_title(f"Speed-up on {where}: {report.model} on {report.dataset}", fontsize=11)
+    ax.set_xlabel("MACs kept (% of the base), pruning proceeds →")
+    ax.set_ylabel("Speed-up over the base (×)")
+    # Pruning lowers the MACs kept, so the trajectory reads left to right on a reversed axis.
+    ax.invert_xaxis()
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3, linewidth=0.6)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    return True
+
+
 def plot_dynamics(report: CompressionReport, out_dir: Path) -> list[str]:
     """Draw the compression dynamics into ``out_dir`` and return the file names written.
 
@@ -161,7 +281,10 @@ def plot_dynamics(report: CompressionReport, out_dir: Path) -> list[str]:
     step; stages by colour and marker with a legend; the base value as a dashed reference
     line, plus the MACs target or the accuracy budget as a dotted one; rolled-back steps
     hollow), and ``dynamics.png`` puts the three side by side. Accuracy is on the validation
-    split. Nothing is written (and ``[]`` returned) when the report has no steps.
+    split. ``speedup.png`` plots the speed-up on the deployment (the baseline step's latency
+    over each step's) against the MACs kept, with y = 1 and the latency targets as references;
+    it is written only when at least two steps were timed. Nothing is written (and ``[]``
+    returned) when the report has no steps.
     """
     from matplotlib.figure import Figure
 
@@ -199,6 +322,11 @@ def plot_dynamics(report: CompressionReport, out_dir: Path) -> list[str]:
     fig.suptitle(f"Compression dynamics: {subtitle}", fontsize=13)
     atomic_write_bytes(out_dir / "dynamics.png", _png(fig))
     written.append("dynamics.png")
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    if _draw_speedup(fig, report):
+        atomic_write_bytes(out_dir / "speedup.png", _png(fig))
+        written.append("speedup.png")
     return written
 
 

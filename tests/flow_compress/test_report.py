@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
 from flow_compress.config import CompressionConfig
 from flow_compress.contract import build_contract
 from flow_compress.data import FASHION_MNIST_CLASSES
-from flow_compress.report import plot_dynamics, render_markdown, write_report
+from flow_compress.report import PLOT_NAMES, plot_dynamics, render_markdown, write_report
+from flow_compress.report.plots import _draw_panel
 from flow_compress.schema import (
     CompressionReport,
+    CostModelStats,
+    DeploymentOutcome,
     Guarantee,
     LatencyRecord,
     ModelMetrics,
     ParityRecord,
     StepRecord,
+    speedup_verdict,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -314,6 +320,215 @@ def test_write_report_writes_everything(report: CompressionReport, written) -> N
     ]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     text = (out / "report.json").read_text(encoding="utf-8")
-    assert text.startswith('{\n  "schema_version": 3,')
+    assert text.startswith('{\n  "schema_version": 4,')
     assert CompressionReport.model_validate_json(text) == report
     assert (out / "report.md").read_text(encoding="utf-8") == render_markdown(report)
+
+
+def test_markdown_headline_finds_the_row_of_a_runtime_at_a_batch() -> None:
+    # compress writes the headline's runtime as '<runtime>@b<batch>'.
+    md = render_markdown(make_report(speedup=40.2 / 13.1, speedup_runtime="onnxruntime@b32"))
+    assert "**3.07×** with ONNX Runtime at batch 32 on " + CPU in md
+
+
+# --------------------------------------------------------------------------- deployment
+
+DEPLOYMENT_CPU = "AMD EPYC 7763 64-Core Processor (2 threads)"
+BASE_MS = 4.2
+
+
+def _timed_steps() -> list[StepRecord]:
+    """The trajectory timed on the deployment after every step; stage-1 steps also carry the
+    cost model's prediction, a little off the measurement."""
+    steps = _steps()
+    base_macs = steps[0].macs
+    timed = []
+    for s in steps:
+        ms = round(0.6 + (BASE_MS - 0.6) * s.macs / base_macs, 4)
+        predicted = round(ms * 1.08, 4) if s.stage == "Filter Prune" else None
+        timed.append(s.model_copy(update={"latency_ms": ms, "predicted_latency_ms": predicted}))
+    return timed
+
+
+def _outcome(pruned_ms: float, spread: float = 0.04, **targets: float) -> DeploymentOutcome:
+    speedup = BASE_MS / pruned_ms
+    met = None
+    if targets:
+        met = pruned_ms <= targets.get("target_latency_ms", math.inf) and speedup >= targets.get(
+            "target_speedup", 0.0
+        )
+    return DeploymentOutcome(
+        deployment="onnxruntime/cpu/b1/fp32/2t",
+        runtime="onnxruntime",
+        device=DEPLOYMENT_CPU,
+        batch_size=1,
+        dtype="fp32",
+        threads=2,
+        base_ms=BASE_MS,
+        pruned_ms=pruned_ms,
+        speedup=speedup,
+        spread=spread,
+        verdict=speedup_verdict(speedup, spread),
+        latency_target_met=met,
+        cost_model=CostModelStats(
+            table_entries=214,
+            measured=38,
+            reused=1190,
+            build_s=41.3,
+            cache_file="/var/cache/flow-compress/latency/onnxruntime-cpu-b1-fp32-2t.json",
+            steps_checked=8,
+            mean_abs_error_pct=7.9,
+            max_abs_error_pct=12.4,
+        ),
+        **targets,
+    )
+
+
+def make_deployed_report(
+    pruned_ms: float, *, target_macs: float | None = None, spread: float = 0.04
+) -> CompressionReport:
+    """A job with a latency target (2.5 ms and 2×) on ONNX Runtime, CPU, batch 1, 2 threads."""
+    targets = {"target_latency_ms": 2.5, "target_speedup": 2.0}
+    config = CompressionConfig(
+        model="resnet18",
+        dataset="fashion-mnist",
+        in_chans=1,
+        input_size=28,
+        target_macs=target_macs,
+        deployment={"threads": 2},
+        **targets,
+    )
+    outcome = _outcome(pruned_ms, spread, **targets)
+    base = make_report()
+    macs_met = target_macs is None or base.macs_ratio <= target_macs * 1.01
+    return make_report(
+        config=config,
+        steps=_timed_steps(),
+        deployment=outcome,
+        speedup=outcome.speedup,
+        speedup_runtime=outcome.deployment,
+        target_met=macs_met and bool(outcome.latency_target_met),
+    )
+
+
+def _summary(md: str) -> str:
+    return md.split("\n\n", 2)[1]
+
+
+def test_markdown_states_the_speedup_on_the_deployment_and_its_target() -> None:
+    report = make_deployed_report(1.9)
+    assert report.deployment is not None and report.deployment.verdict == "faster"
+    md = render_markdown(report)
+    summary = _summary(md)
+    assert summary.startswith(
+        "On its deployment `onnxruntime/cpu/b1/fp32/2t` (ONNX Runtime on "
+        f"{DEPLOYMENT_CPU}) the pruned model runs at **2.21×** the base's speed, "
+        "4.20 → 1.90 ms per batch of 1: it is **faster**."
+    )
+    assert "Latency target (≤ 2.50 ms per batch and ≥ 2.00× speed-up): **met**." in summary
+    assert "(no MACs target)" in summary
+    assert (
+        "| Latency (ms), onnxruntime/cpu/b1/fp32/2t | 4.20 | 1.90 | 2.21× speed-up (faster) |" in md
+    )
+
+    section = md.split("## Deployment\n", 1)[1].split("\n## ", 1)[0]
+    assert f"| Hardware | {DEPLOYMENT_CPU} |" in section
+    assert "| Speed-up | **2.21×** |" in section
+    assert "| Verdict | **faster** |" in section
+    assert "| Latency target | ≤ 2.50 ms per batch |" in section
+    assert "| Speed-up target | ≥ 2.00× |" in section
+    assert "| Latency target reached | **met** |" in section
+    assert "### Cost model" in section
+    assert "| Layer timings measured in this run | 38 |" in section
+    assert "| Lookups answered by the table | 1,190 |" in section
+    assert "| Mean prediction error | 7.9 % |" in section
+    assert "| Largest prediction error | 12.4 % |" in section
+    assert "The prediction error is |predicted − measured| ÷ measured" in section
+
+    header = "| Step | Stage | GMACs | Params (M) | Top-1 | Top-5 | Latency (ms) | Predicted (ms) |"
+    assert header in md
+    assert "| 0 | Baseline | 0.556 | 11.17 | 93.40 % | 99.80 % | 4.20 | - |" in md
+    assert "| 1 | Filter Prune | 0.467 | 8.94 | 93.25 % | 99.60 % | 3.62 | 3.91 |" in md
+    assert "| 11 | Final Fine-Tune | 0.112 | 1.35 | 91.86 % | 99.70 % | 1.32 | - |" in md
+    assert "| MACs target | none (latency target only) |" in md
+    assert "| Deployment | `onnxruntime/cpu/b1/fp32/2t` (5 warm-up, 25 timed runs" in md
+
+
+def test_an_old_report_keeps_its_dynamics_table(report: CompressionReport) -> None:
+    md = render_markdown(report)
+    assert "Latency (ms)" not in md and "Predicted (ms)" not in md
+    assert "## Deployment" not in md
+
+
+# A "faster" anywhere in the document that is not the verdict "no faster".
+CALLED_FASTER = re.compile(r"(?<!no )\bfaster\b")
+
+
+@pytest.mark.parametrize(
+    ("pruned_ms", "verdict"),
+    [pytest.param(4.15, "no faster", id="no_faster"), pytest.param(4.6, "slower", id="slower")],
+)
+def test_a_model_that_is_not_faster_is_never_called_faster(pruned_ms: float, verdict: str) -> None:
+    report = make_deployed_report(pruned_ms, spread=0.05)
+    assert report.deployment is not None and report.deployment.verdict == verdict
+    assert report.target_met is False
+    md = render_markdown(report)
+    assert f"it is **{verdict}**" in _summary(md)
+    assert "**faster**" not in md
+    assert CALLED_FASTER.findall(md) == []
+    assert "): **missed** within the accuracy budget." in _summary(md)
+    assert "| Latency target reached | **missed** |" in md
+
+
+def test_the_faster_check_can_fail() -> None:
+    # The check above must be able to see a "faster": it does in a faster model's report.
+    assert CALLED_FASTER.findall(render_markdown(make_deployed_report(1.9)))
+
+
+def test_a_missed_latency_target_leaves_the_macs_verdict_alone() -> None:
+    report = make_deployed_report(3.0, target_macs=0.25)
+    assert report.target_met is False
+    summary = _summary(render_markdown(report))
+    assert "target 25.0 %: **met**" in summary
+    assert "Latency target (≤ 2.50 ms per batch and ≥ 2.00× speed-up): **missed**" in summary
+
+
+def test_a_report_without_a_macs_target_renders(tmp_path: Path) -> None:
+    report = make_report(
+        config=CompressionConfig(
+            model="resnet18", dataset="fashion-mnist", in_chans=1, input_size=28, target_speedup=2
+        ),
+        target_met=False,
+    )
+    assert report.config.target_macs is None
+    md = render_markdown(report)
+    assert "(no MACs target)" in md and "| MACs target | none (latency target only) |" in md
+    names = plot_dynamics(report, tmp_path)
+    assert names == ["macs.png", "params.png", "top1.png", "dynamics.png"], "no steps were timed"
+    fig = Figure()
+    ax = fig.add_subplot()
+    _draw_panel(ax, report, "macs", legend=True)
+    labels = ax.get_legend_handles_labels()[1]
+    assert "base" in labels and not any("MACs target" in label for label in labels)
+
+
+def test_a_macs_target_is_drawn() -> None:
+    fig = Figure()
+    ax = fig.add_subplot()
+    _draw_panel(ax, make_report(), "macs", legend=True)
+    assert "MACs target (25 % of base)" in ax.get_legend_handles_labels()[1]
+
+
+def test_write_report_plots_speedup_against_macs(tmp_path: Path) -> None:
+    names = write_report(make_deployed_report(1.9), tmp_path)
+    assert names[-1] == "speedup.png" and names.count("speedup.png") == 1
+    assert "speedup.png" in PLOT_NAMES
+    width, height = _png_size(tmp_path / "speedup.png")
+    assert width > height > 300
+    assert (tmp_path / "speedup.png").stat().st_size > 15_000
+
+
+def test_one_timed_step_draws_no_speedup_plot(tmp_path: Path) -> None:
+    steps = _steps()
+    steps[0] = steps[0].model_copy(update={"latency_ms": BASE_MS})
+    assert "speedup.png" not in plot_dynamics(make_report(steps=steps), tmp_path)
