@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import typer
 
 from api.client import ApiClientError, Client
+from flow_compress.schema import TARGET_SLACK
 
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
@@ -330,6 +331,12 @@ def submit(
     target_macs: Annotated[
         float | None, typer.Option(help="Fraction of the base MACs to keep (0-1].")
     ] = None,
+    target_latency_ms: Annotated[
+        float | None, typer.Option(help="Latency to reach on the deployment, ms per batch.")
+    ] = None,
+    target_speedup: Annotated[
+        float | None, typer.Option(help="Speed-up over the base to reach on the deployment.")
+    ] = None,
     max_drop: Annotated[float | None, typer.Option(help="Accuracy budget, top-1 points.")] = None,
     num_classes: Annotated[int | None, typer.Option()] = None,
     input_size: Annotated[int | None, typer.Option()] = None,
@@ -352,6 +359,10 @@ def submit(
     ] = None,
     fail_if_macs_ratio_above: Annotated[
         float | None, typer.Option(help="Exit 3 if pruned/base MACs exceeds this.")
+    ] = None,
+    fail_if_speedup_below: Annotated[
+        float | None,
+        typer.Option(help="Exit 3 if the measured speed-up on the deployment is below this."),
     ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
@@ -379,6 +390,8 @@ def submit(
         sets=set_ or [],
         fields={
             "target_macs": target_macs,
+            "target_latency_ms": target_latency_ms,
+            "target_speedup": target_speedup,
             "max_drop": max_drop,
             "num_classes": num_classes,
             "input_size": input_size,
@@ -408,7 +421,14 @@ def submit(
             job = client.wait(
                 job["id"], poll_interval=poll_interval, timeout=timeout, on_update=_print_progress()
             )
-            _finish(client, job, download, fail_if_drop_above, fail_if_macs_ratio_above)
+            _finish(
+                client,
+                job,
+                download,
+                fail_if_drop_above,
+                fail_if_macs_ratio_above,
+                fail_if_speedup_below,
+            )
         except ApiClientError as exc:
             raise _fail(exc) from None
 
@@ -429,7 +449,9 @@ def _describe_preflight(r: dict[str, Any]) -> str:
             f"{len(r.get('left_alone', []))} layers left alone, "
             f"{len(r.get('stage2_candidates', []))} stage-2 candidates"
         )
-    if r.get("reachable_ratio") is not None:
+    if r.get("deployment_error"):
+        lines.append(f"  deployment: {r['deployment_error']}")
+    if r.get("reachable_ratio") is not None and r.get("target_macs") is not None:
         verdict = "reachable" if r.get("target_reachable") else "NOT reachable"
         lines.append(
             f"  target {r['target_macs']:.1%} of MACs: {verdict} (floor under the per-layer "
@@ -449,6 +471,7 @@ def _finish(
     download: Path | None,
     max_drop: float | None,
     max_macs_ratio: float | None,
+    min_speedup: float | None = None,
 ) -> None:
     if job["state"] != "succeeded":
         err = job.get("error") or {"code": job["state"], "message": job.get("message", "")}
@@ -459,17 +482,38 @@ def _finish(
         f"succeeded: top-1 {report['base']['top1']:.2f}% -> {report['pruned']['top1']:.2f}% "
         f"(drop {report['top1_drop']:.2f}), MACs x{report['macs_ratio']:.3f}"
     )
-    target = report["config"]["target_macs"]
+    target = report["config"].get("target_macs")
     target_met = report.get("target_met")
-    if target_met is not None:
-        verdict = "met" if target_met else "MISSED within the accuracy budget"
+    deployment = report.get("deployment")
+    if target_met is not None and target is not None:
+        macs_met = report["macs_ratio"] <= target * TARGET_SLACK
+        verdict = "met" if macs_met else "MISSED within the accuracy budget"
         typer.echo(f"MACs target x{target:.3f}: {verdict}")
+    if deployment is not None:
+        line = (
+            f"on {deployment['deployment']}: {deployment['base_ms']:.3g} -> "
+            f"{deployment['pruned_ms']:.3g} ms, speed-up {deployment['speedup']:.2f}x "
+            f"({deployment['verdict']})"
+        )
+        if deployment.get("latency_target_met") is not None:
+            line += "; latency target " + ("met" if deployment["latency_target_met"] else "MISSED")
+        typer.echo(line)
     if download is not None:
         for path in client.download(job["id"], download):
             typer.echo(f"downloaded {path}")
     missed = []
     if target_met is False:
-        missed.append(f"MACs target x{target:.3f} missed (reached x{report['macs_ratio']:.3f})")
+        if target is not None and report["macs_ratio"] > target * TARGET_SLACK:
+            missed.append(f"MACs target x{target:.3f} missed (reached x{report['macs_ratio']:.3f})")
+        if deployment is not None and deployment.get("latency_target_met") is False:
+            missed.append(f"latency target missed (speed-up {deployment['speedup']:.2f}x)")
+    if min_speedup is not None:
+        # Without a deployment the report's headline speed-up (its latency table) counts.
+        speedup = deployment["speedup"] if deployment is not None else report.get("speedup")
+        if speedup is None:
+            missed.append("no speed-up was measured (give the job a deployment)")
+        elif speedup < min_speedup:
+            missed.append(f"speed-up {speedup:.2f}x < {min_speedup}")
     if max_drop is not None and report["top1_drop"] > max_drop:
         missed.append(f"top-1 drop {report['top1_drop']:.2f} > {max_drop}")
     if max_macs_ratio is not None and report["macs_ratio"] > max_macs_ratio:

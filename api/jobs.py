@@ -32,6 +32,7 @@ from flow_compress.arch.catalogue import resolve_name
 from flow_compress.config import CompressionConfig
 from flow_compress.errors import FlowCompressError
 from flow_compress.refs import known_num_classes, parse_dataset_ref
+from worker.capabilities import refusal
 from worker.catalogue import CatalogueReader
 from worker.celery_app import TASK_NAME, FlowCelery
 from worker.jobs import JobError, JobRecord, JobState
@@ -39,6 +40,7 @@ from worker.notify import NotifyTarget, WebhookUrlError, check_target_url
 from worker.retention import REASON_DELETED, expire_job, remove_uploads
 from worker.storage import FileSink, Storage
 from worker.store import JobStore
+from worker.telemetry import live_workers
 from worker.usage import Idempotency, Ledger, QuotaRefusal, Refused, Replayed
 
 log = logging.getLogger(__name__)
@@ -370,7 +372,24 @@ class JobService:
             except FlowCompressError as exc:
                 raise ApiError.from_library(exc, f"{config_field}.dataset") from None
         check_job(spec.config, self.settings, config_field)
+        self.check_deployment(spec.config, config_field)
         return spec
+
+    def check_deployment(self, config: CompressionConfig, config_field: str) -> None:
+        """Refuse a deployment no live worker can run (``deployment_unavailable``): each
+        worker publishes whether it has a GPU and which ONNX Runtime providers, with its
+        heartbeat (``worker.capabilities``). With no worker alive or none that published, the
+        job is accepted and the worker refuses it before any work if it must."""
+        if config.deployment is None:
+            return
+        published = [
+            c
+            for b in live_workers(self.store.r, self.store.prefix)
+            if (c := b.capabilities()) is not None
+        ]
+        why = refusal(config.deployment, published)
+        if why is not None:
+            raise ApiError("deployment_unavailable", why, field=f"{config_field}.deployment")
 
     def check_model(self, name: str) -> None:
         """Refuse a model reference no worker can build (``unsupported_model``, with close

@@ -117,7 +117,8 @@ class PreflightService:
         argv = [sys.executable, "-m", "flow_compress.cli", "check", "--config", str(config_file)]
         if weights is not None:
             argv += ["--weights", str(weights)]
-        argv.append("--json")
+        # Deployments are checked against the workers (JobService.check_deployment).
+        argv += ["--json", "--no-deployment-check"]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdout=asyncio.subprocess.PIPE,

@@ -21,6 +21,7 @@ is over a process's life); Prometheus handles resets when Redis loses its data.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -158,6 +159,17 @@ class WorkerBeat:
     pid: int
     started_at: float
     beat_at: float
+    # What deployments it can time latency targets on (worker.capabilities), as JSON.
+    deployments: str = ""
+
+    def capabilities(self) -> dict[str, Any] | None:
+        if not self.deployments:
+            return None
+        try:
+            caps = json.loads(self.deployments)
+        except ValueError:
+            return None
+        return caps if isinstance(caps, dict) else None
 
 
 def write_heartbeat(client: redis.Redis, prefix: str, beat: WorkerBeat, interval_s: float) -> None:
@@ -174,6 +186,7 @@ def write_heartbeat(client: redis.Redis, prefix: str, beat: WorkerBeat, interval
                 "pid": beat.pid,
                 "started_at": beat.started_at,
                 "beat_at": beat.beat_at,
+                "deployments": beat.deployments,
             },
         )
         pipe.pexpire(key, ttl_ms)
@@ -212,6 +225,7 @@ def live_workers(client: redis.Redis, prefix: str, now: float | None = None) -> 
                 pid=int(raw.get("pid", 0)),
                 started_at=float(raw.get("started_at", 0.0)),
                 beat_at=float(raw.get("beat_at", 0.0)),
+                deployments=raw.get("deployments", ""),
             )
         )
     if gone:
@@ -236,8 +250,10 @@ class Heartbeat:
         queue: str,
         interval_s: float,
         active: Callable[[], Iterable[str]],
+        capabilities: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
+        self.deployments = json.dumps(capabilities) if capabilities is not None else ""
         self.prefix = prefix
         self.hostname = hostname
         self.queue = queue
@@ -260,6 +276,7 @@ class Heartbeat:
                 pid=os.getpid(),
                 started_at=self.started_at,
                 beat_at=time.time(),
+                deployments=self.deployments,
             ),
             self.interval_s,
         )
@@ -301,7 +318,11 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, parent: Any) -> None:
         from celery.worker import state
 
+        from worker.capabilities import detect
+
         settings = parent.app.settings
+        # On the main thread, before the heartbeat thread starts (worker.process).
+        capabilities = detect()
         self.heartbeat = Heartbeat(
             redis_client(settings.redis_url),
             settings.key_prefix,
@@ -311,6 +332,7 @@ class HeartbeatStep(bootsteps.StartStopStep):  # type: ignore[misc]
             # The main process's set of jobs accepted by the pool and not yet finished;
             # list() of a set runs in C under the GIL, so it is safe from this thread.
             active=lambda: [request.id for request in list(state.active_requests)],
+            capabilities=capabilities,
         )
         self.heartbeat.start()
 

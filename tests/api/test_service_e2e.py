@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -410,6 +411,21 @@ def test_refusals_from_the_live_service(service: Service, base_weights: Path) ->
             },
         )
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_archive"
+        # A GPU deployment on a CPU-only installation: refused once the worker has said
+        # (with its heartbeat) what it can run.
+        if not Path("/dev/nvidia0").exists():
+            deadline = time.monotonic() + 120
+            while not re.search(
+                r'flow_compress_workers\{queue="[^"]+"\} [1-9]', http.get("/metrics").text
+            ):
+                assert time.monotonic() < deadline, "no worker heartbeat"
+                time.sleep(0.5)
+            gpu = {**TINY, "target_speedup": 2.0, "deployment": {"device": "cuda"}}
+            r = http.post("/v1/jobs", json={"config": gpu})
+            assert r.status_code == 422, r.text
+            err = r.json()["error"]
+            assert err["code"] == "deployment_unavailable" and "CUDA" in err["message"]
+            assert err["field"] == "config.deployment"
         assert http.get("/v1/jobs").json()["total"] == before
     assert list((service.storage / "uploads").iterdir()) == []
     assert not any(service.storage.parent.rglob("escape.png"))
