@@ -12,29 +12,43 @@ The newest one wins: workers of one installation run the same image, and a rolli
 converges on the new one. With none published yet (the first worker is still starting), the
 API accepts registered names and syntactically valid ``source:name`` references and the worker
 fails the job fast with ``unsupported_model`` when it cannot build it.
+
+Building costs seconds of CPU (importing torch, timm and torchvision), paid again by every
+worker start although the answer changes only with the installation. So the built JSON is
+kept in ``cache_dir/catalogue/``, named after a digest of
+``flow_compress.arch.catalogue.installation_fingerprint()`` (library versions, plug-in entry
+points, the signature of the source files), which is read torch-free; a start whose
+installation is unchanged publishes the kept copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import bootsteps
 
-from flow_compress.arch.catalogue import Catalogue
+from flow_compress.arch.catalogue import Catalogue, installation_fingerprint
 from worker.broker import redis_client
 from worker.process import AFTER_POOL, die_with_parent
 
 log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT_S = 600  # importing torch, timm and torchvision on a busy machine
+# Catalogues kept per cache folder: several installations (virtual environments, checkouts)
+# may share one user's cache, and each edit of an editable install makes a new one.
+CACHE_KEEP = 8
 
 
 def catalogue_key(prefix: str) -> str:
@@ -69,6 +83,63 @@ def build_in_child(
     return text
 
 
+def cache_path(folder: Path, fingerprint: Mapping[str, object]) -> Path:
+    """Where the catalogue of the installation ``fingerprint`` describes is kept."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return folder / f"catalogue-{hashlib.sha256(canonical.encode()).hexdigest()[:32]}.json"
+
+
+def cached_or_built(
+    folder: Path,
+    fingerprint: Mapping[str, object] | None,
+    build: Callable[[], str] = build_in_child,
+) -> tuple[str, bool]:
+    """The catalogue JSON of this installation, and whether it came from ``folder``: the kept
+    copy for ``fingerprint`` when there is a readable one, else ``build()``'s, kept for the
+    next start (None: the installation could not be described; built, not kept). A catalogue
+    naming plug-ins that failed to load is not kept: the usual fix (a missing dependency
+    installed) leaves the fingerprint as it was."""
+    if fingerprint is None:
+        return build(), False
+    path = cache_path(folder, fingerprint)
+    try:
+        text = path.read_text()
+        Catalogue.model_validate_json(text)
+        return text, True
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("the kept model catalogue %s is unreadable (%s); building it again", path, exc)
+    text = build()
+    if not Catalogue.model_validate_json(text).plugin_errors:
+        try:
+            _keep(path, text)
+        except OSError as exc:  # a read-only or full disk costs the next start a rebuild only
+            log.warning("could not keep the model catalogue in %s: %s", folder, exc)
+    return text, False
+
+
+def _keep(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: workers starting together never read a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".catalogue-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    ages: dict[Path, float] = {}
+    for kept in path.parent.glob("catalogue-*.json"):
+        with contextlib.suppress(OSError):  # another worker's clean-up got there first
+            ages[kept] = kept.stat().st_mtime
+    for old in sorted(ages, key=ages.__getitem__, reverse=True)[CACHE_KEEP:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
 def publish(client: redis.Redis, prefix: str, text: str) -> None:
     client.set(catalogue_key(prefix), text)
 
@@ -99,8 +170,8 @@ class CatalogueReader:
 
 
 class CatalogueStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker bootstep: build and publish the catalogue in a background thread at start-up
-    (the worker consumes meanwhile; a failure is logged, the worker runs on)."""
+    """Worker bootstep: publish the catalogue (kept, or built) in a background thread at
+    start-up (the worker consumes meanwhile; a failure is logged, the worker runs on)."""
 
     requires = AFTER_POOL  # worker.process: no thread may be mid-import at a fork
 
@@ -112,16 +183,33 @@ class CatalogueStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, parent: Any) -> None:
         settings = parent.app.settings
         assert settings.redis_url
+        folder = settings.cache_dir / "catalogue"
+        # On the main thread: the thread below must import nothing (worker.process), and
+        # reading the installation's metadata may.
+        fingerprint: dict[str, object] | None
+        try:
+            fingerprint = installation_fingerprint()
+        except Exception as exc:  # odd metadata must not stop the worker; it builds instead
+            log.warning("cannot describe this installation (%s): the catalogue is built", exc)
+            fingerprint = None
 
         def run() -> None:
             try:
-                text = build_in_child(started=lambda p: setattr(self, "_child", p))
+                text, kept = cached_or_built(
+                    folder,
+                    fingerprint,
+                    lambda: build_in_child(started=lambda p: setattr(self, "_child", p)),
+                )
                 client = redis_client(settings.redis_url)
                 try:
                     publish(client, settings.key_prefix, text)
                 finally:
                     client.close()
-                log.info("published the model catalogue (%d bytes)", len(text))
+                log.info(
+                    "published the model catalogue (%d bytes, %s)",
+                    len(text),
+                    f"kept in {folder}" if kept else "built",
+                )
             except subprocess.CalledProcessError as exc:
                 log.error("building the model catalogue failed: %s", (exc.stderr or b"")[-2000:])
             except Exception as exc:  # the worker still runs jobs without it
@@ -140,6 +228,8 @@ __all__ = [
     "CatalogueReader",
     "CatalogueStep",
     "build_in_child",
+    "cache_path",
+    "cached_or_built",
     "catalogue_key",
     "publish",
 ]

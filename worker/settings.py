@@ -18,6 +18,12 @@ def _default_storage_dir() -> Path:
     return Path(base) / "flow-compress"
 
 
+def _default_cache_dir() -> Path:
+    # XDG cache home: what is kept there can be rebuilt, and may be deleted at any time.
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flow-compress"
+
+
 class WorkerSettings(BaseSettings):
     """Where jobs live and how the queue behaves.
 
@@ -30,6 +36,10 @@ class WorkerSettings(BaseSettings):
 
     redis_url: str | None = None
     storage_dir: Path = Field(default_factory=_default_storage_dir)
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="What a worker rebuilds when it is missing (the model catalogue).",
+    )
     key_prefix: str = Field("flow-compress:", min_length=1, description="Redis key namespace.")
     queue: str = Field("gpu", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     soft_time_limit: int = Field(6 * 3600, ge=1, description="Seconds; the job fails cleanly.")

@@ -56,12 +56,14 @@ class TransientFailure(Exception):
     """A failure worth retrying; the job was put back to ``queued``."""
 
 
-def _library_compress(caches: WeightCaches | None = None) -> CompressFn:
+def _library_compress(
+    caches: WeightCaches | None = None, latency_cache: Path | None = None
+) -> CompressFn:
     # Imported here, in the pool child that runs the job: importing torch (and possibly
     # initialising CUDA) in the worker's main process would be inherited by every fork.
     from flow_compress.pipeline import compress
 
-    return functools.partial(compress, caches=caches)
+    return functools.partial(compress, caches=caches, latency_cache=latency_cache)
 
 
 def summarise(report: CompressionReport) -> dict[str, float | bool]:
@@ -325,7 +327,10 @@ def compress_job(self: CompressTask, payload: dict[str, Any]) -> str | None:
             max_redeliveries=self.app.settings.max_redeliveries,
             can_retry=can_retry,
             # The worker's local weight caches (hf-hub: references, pretrained).
-            compress=_library_compress(self.app.settings.weight_caches),
+            # ... and its latency cost model's layer tables, kept across jobs.
+            compress=_library_compress(
+                self.app.settings.weight_caches, self.app.settings.cache_dir / "latency"
+            ),
         )
     return state.value if state else None
 

@@ -2,6 +2,9 @@
 
     python -m bench.architectures.run [--models resnet50,vgg19_bn,...] [--out DIR] [options]
 
+The test suite builds each of them and prunes it one step at 64 px only
+(``tests/flow_compress/test_architectures.py``); this is where they run at 224 px.
+
 For every paper variant (ResNet-50, EfficientNet-B4, ViT-B/16, MobileNetV3-L, DenseNet-121,
 ConvNeXt-S, VGG19-BN, ShuffleNetV2 x2.0; torchvision builds, 10 classes, RGB input):
 

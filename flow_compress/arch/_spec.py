@@ -158,7 +158,8 @@ class Family:
     - ``block_rules``: stage-2 candidates; ``opaque_blocks``, ``layer_scales``, ``attention``
       and ``activations``: what the structural pruner must know (``flow_compress.graph``);
     - ``small``: the smallest registered variant, which the tests compress end to end;
-      ``paper``: the variant the IDAP++ paper reports, if any (built at 224 px in a slow test);
+      ``paper``: the variant the IDAP++ paper reports, if any (built and cut once in a test at
+      64 px; compressed at 224 px by bench/architectures);
     - ``stage2``: whether stage 2 finds candidates after stage 1 — ``always``; ``unpruned``
       (only where stage 1 left equal widths, e.g. VGG's convs); ``never`` (DenseNet).
     """

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib.util
 import re
+import sys
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from importlib import metadata
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -259,6 +262,79 @@ def build_catalogue() -> Catalogue:
     )
 
 
+# The distributions whose versions decide what ``build_catalogue`` lists.
+FINGERPRINT_DISTRIBUTIONS = ("torch", "torchvision", "timm", "flow-compress")
+
+
+def installation_fingerprint() -> dict[str, object]:
+    """What ``build_catalogue``'s answer depends on, read without importing torch (from the
+    installed distributions' metadata and the files of the code that registers names), so a
+    caller can tell whether a catalogue built earlier still holds: the versions of torch,
+    torchvision, timm and flow-compress, the entry points of ``plugins.GROUP`` with their
+    distributions, and the size and modification time of every source file of this package
+    and of each plug-in's top-level package.
+
+    Versions alone would not do: an editable install (a checkout, or an operator developing a
+    plug-in) changes the families it registers without changing its version."""
+    from flow_compress.arch.plugins import GROUP
+
+    versions: dict[str, str | None] = {}
+    for dist in FINGERPRINT_DISTRIBUTIONS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    plugins = []
+    for ep in metadata.entry_points(group=GROUP):
+        dist = ep.dist
+        plugins.append(
+            {
+                "name": ep.name,
+                "value": ep.value,
+                "distribution": None if dist is None else f"{dist.name} {dist.version}",
+                "sources": _sources_of(ep.module.split(".", 1)[0]),
+            }
+        )
+    plugins.sort(key=lambda p: (str(p["name"]), str(p["value"])))
+    return {
+        "python": sys.version,
+        "versions": versions,
+        "flow_compress": _tree_signature(Path(__file__).resolve().parents[1]),
+        "plugins": plugins,
+    }
+
+
+def _sources_of(top_level: str) -> list[tuple[str, int, int]] | None:
+    """The signature of a top-level module's files, found without importing it (None when
+    it cannot be found: the catalogue then records that plug-in's load error)."""
+    try:
+        spec = importlib.util.find_spec(top_level)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    folders = list(spec.submodule_search_locations or [])
+    if folders:
+        return [entry for folder in folders for entry in _tree_signature(Path(folder))]
+    if spec.origin and Path(spec.origin).is_file():
+        stat = Path(spec.origin).stat()
+        return [(spec.origin, stat.st_size, stat.st_mtime_ns)]
+    return None
+
+
+def _tree_signature(folder: Path) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of every Python source under ``folder``: any edit, reinstall or
+    checkout of another revision changes it, and it costs a ``stat`` per file."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed meanwhile, or an editor's dangling lock link
+            continue
+        found.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m flow_compress.arch.catalogue OUT.json``: write this installation's
     catalogue (the worker runs it in a child process, so its own process stays torch-free)."""
@@ -284,6 +360,7 @@ __all__ = [
     "Resolved",
     "WeightCaches",
     "build_catalogue",
+    "installation_fingerprint",
     "parse_model_ref",
     "resolve_name",
 ]

@@ -9,6 +9,7 @@ recovery steps each, every method through the library's ``compress``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # tests/conftest.py
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("quality")
     weights = tmp / "resnet18.safetensors"
