@@ -45,7 +45,7 @@ from flow_compress.graph import PrunableGroup, PruningGraph
 from flow_compress.graph.latency_cost import group_curve, layer_shape, member_layers
 from flow_compress.pipeline.context import Context
 from flow_compress.pipeline.latency_selection import Option, select_by_latency
-from flow_compress.schema import Stage
+from flow_compress.schema import SPEEDUP_NOISE, Stage
 
 STAGE = Stage.FILTER_PRUNE
 _PASSES = 3
@@ -296,10 +296,13 @@ class FilterPruner:
                 max_count = self._count_for_ratio(model, ratios[k])
             step_ms = None
             if target_ms is not None and base_ms is not None:
+                # Aim below the target by the noise ``reached_latency`` demands it be cleared
+                # by, else a step could land between the two and leave nothing to cut.
+                aim = target_ms / (1 + max(SPEEDUP_NOISE, ctx.latency_spread / 2))
                 step_ms = (
-                    max(target_ms, ms_fractions[k] * base_ms)
+                    max(aim, ms_fractions[k] * base_ms)
                     if ms_fractions is not None and cfg.schedule == "decay"
-                    else target_ms
+                    else aim
                 )
             now_ms = ctx.latency_now_ms
             reduction = macs - step_target if step_target is not None else 0.0
