@@ -173,13 +173,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int 
 
 
 def session(
-    path: Path,
+    path: Path | bytes,
     device: torch.device | str = "cpu",
     threads: int | None = None,
     *,
     tensorrt: bool = False,
 ) -> object:
-    """An ONNX Runtime session with full graph optimisation: on CUDA (its CUDA provider) when
+    """An ONNX Runtime session with full graph optimisation (``path``: a file, or a
+    serialised model): on CUDA (its CUDA provider) when
     ``device`` is CUDA and the provider is installed, else on the CPU — ``session_device``
     says which. ``tensorrt`` puts ONNX Runtime's TensorRT provider first (CUDA for the nodes
     it leaves; the caller checked it is installed). ``threads`` sets the intra-op threads
@@ -200,7 +201,8 @@ def session(
         providers = [("CUDAExecutionProvider", {"device_id": index})]
         if tensorrt:
             providers.insert(0, ("TensorrtExecutionProvider", {"device_id": index}))
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
 
 
 def _on_cuda(sess: object) -> bool:

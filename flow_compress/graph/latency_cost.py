@@ -37,7 +37,9 @@ from torch import nn
 
 from flow_compress.artifacts import atomic_write_text
 from flow_compress.config import DeploymentConfig
+from flow_compress.measure.deployment import device_of
 from flow_compress.measure.environment import describe_device
+from flow_compress.measure.latency import torch_threads
 
 # A wider width measured within this fraction of a narrower one's time is as fast: keeping the
 # channels then costs nothing measurable.
@@ -275,29 +277,18 @@ def time_layer(shape: LayerShape, dep: DeploymentConfig) -> float:
     ONNX Runtime: the one-node model in a session with the deployment's threads and provider.
     torch runtimes: the module itself (a single layer calls the same kernel traced or not)."""
     batch = dep.batch_size
+    device = device_of(dep)
     if dep.runtime == "onnxruntime":
-        import onnxruntime as ort
+        from flow_compress.export.onnx import session
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if dep.threads is not None:
-            options.intra_op_num_threads = dep.threads
-            options.inter_op_num_threads = 1
-        providers: list[object] = ["CPUExecutionProvider"]
-        if dep.device == "cuda":
-            providers = ["CUDAExecutionProvider"]
-            if dep.provider == "tensorrt":
-                providers.insert(0, "TensorrtExecutionProvider")
-        sess = ort.InferenceSession(
-            _onnx_layer(shape, batch), sess_options=options, providers=providers
+        sess = session(
+            _onnx_layer(shape, batch), device, dep.threads, tensorrt=dep.provider == "tensorrt"
         )
         dims = [batch, shape.cin, *shape.spatial] if shape.kind == "conv" else None
         if dims is None:
             dims = [batch, *shape.spatial, shape.cin]
         feed = {"x": np.random.default_rng(1).standard_normal(dims, dtype=np.float32)}
-        return _timed(lambda: sess.run(None, feed), lambda: None)
-    device = torch.device("cuda" if dep.device == "cuda" else "cpu")
+        return _timed(lambda: sess.run(None, feed), lambda: None)  # type: ignore[attr-defined]
     dtype = torch.float16 if dep.dtype == "fp16" else torch.float32
     module = _torch_layer(shape).to(device=device, dtype=dtype).eval()
     if shape.kind == "conv":
@@ -313,13 +304,8 @@ def time_layer(shape: LayerShape, dep: DeploymentConfig) -> float:
         with torch.no_grad():
             return module(x)
 
-    previous = torch.get_num_threads()
-    if dep.threads is not None:
-        torch.set_num_threads(dep.threads)
-    try:
+    with torch_threads(dep.threads):
         return _timed(run, sync)
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- the table
@@ -362,14 +348,8 @@ class LatencyTable:
     ) -> LatencyTable:
         """The table for ``deployment`` on this machine, read from ``cache_dir`` when a
         matching one is there (an unreadable file is ignored and rebuilt)."""
-        device = torch.device("cuda" if deployment.device == "cuda" else "cpu")
-        previous = torch.get_num_threads()
-        if deployment.threads is not None:
-            torch.set_num_threads(deployment.threads)
-        try:
-            hardware = describe_device(device)
-        finally:
-            torch.set_num_threads(previous)
+        with torch_threads(deployment.threads):
+            hardware = describe_device(device_of(deployment))
         ident = json.dumps(
             [_TABLE_VERSION, deployment.label(), hardware, _versions()], separators=(",", ":")
         )

@@ -14,11 +14,9 @@ called faster.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,13 @@ from flow_compress.config import DeploymentConfig
 from flow_compress.errors import DeploymentUnavailableError
 from flow_compress.export import EAGER_RUNTIME
 from flow_compress.measure.environment import describe_device
-from flow_compress.measure.latency import Engine, Runner, _time_once, torch_engine
+from flow_compress.measure.latency import (
+    Engine,
+    Runner,
+    _time_once,
+    torch_engine,
+    torch_threads,
+)
 
 
 def device_of(dep: DeploymentConfig) -> torch.device:
@@ -69,17 +73,6 @@ class _Cast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.half()).float()
-
-
-@contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -123,7 +116,7 @@ class DeploymentTimer:
 
     @property
     def device_label(self) -> str:
-        with _threads(self.dep.threads):
+        with torch_threads(self.dep.threads):
             return describe_device(self.device)
 
     def engine(self, model: nn.Module, name: str, work_dir: Path) -> Engine:
@@ -168,14 +161,14 @@ class DeploymentTimer:
 
     def time(self, model: nn.Module) -> Timing:
         """Median latency of ``model`` on the deployment at its batch size."""
-        with _threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
+        with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
             eng = self.engine(model, "model", Path(tmp))
             return _summary(self._runs(eng.runner(self.dep.batch_size), eng.device))
 
     def compare(self, base: nn.Module, pruned: nn.Module) -> Comparison:
         """Both models timed alternately (the order flips every round), ``dep.runs`` each:
         the verdict's measurement."""
-        with _threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
+        with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
             eb = self.engine(base, "base", Path(tmp))
             ep = self.engine(pruned, "pruned", Path(tmp))
             rb, rp = eb.runner(self.dep.batch_size), ep.runner(self.dep.batch_size)

@@ -162,7 +162,8 @@ def prepare_engine(
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (None: left alone) for the block."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -194,7 +195,7 @@ def compare_latency(
     device = torch.device(device)
     work_dir = Path(work_dir)
     records: list[LatencyRecord] = []
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         models = {
             "base": copy.deepcopy(base).to(device).eval(),
             "pruned": copy.deepcopy(pruned).to(device).eval(),
@@ -281,4 +282,5 @@ __all__ = [
     "random_input",
     "time_onnx_files",
     "torch_engine",
+    "torch_threads",
 ]
