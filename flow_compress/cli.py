@@ -16,7 +16,6 @@ import typer
 from pydantic import ValidationError
 
 from flow_compress.errors import FlowCompressError, InvalidConfigError
-from flow_compress.schema import TARGET_SLACK
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -534,10 +533,9 @@ def _verdicts(report: CompressionReport) -> str:
     parts = []
     if report.config.target_macs is not None:
         target = f"{report.config.target_macs:.1%} of the base MACs"
-        macs_met = report.macs_ratio <= report.config.target_macs * TARGET_SLACK
-        if report.target_met is None:  # a report of schema version 1
+        if report.macs_target_met is None:  # a report of schema version 1
             parts.append(f"target {target}: not judged")
-        elif macs_met:
+        elif report.macs_target_met:
             parts.append(f"MACs target met: {report.macs_ratio:.1%} <= {target}")
         else:
             parts.append(f"MACs target MISSED: {report.macs_ratio:.1%} > {target}")

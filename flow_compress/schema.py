@@ -303,6 +303,19 @@ class CompressionReport(_Model):
     )
     notes: list[str] = Field(default_factory=list)
 
+    @property
+    def macs_target_met(self) -> bool | None:
+        """The MACs target's own verdict. ``target_met`` also covers the latency target, so
+        where that was missed the MACs verdict comes from the ratio, as stage 1 judged it;
+        None without a MACs target or in reports of schema version 1."""
+        target = self.config.target_macs
+        if self.target_met is None or target is None:
+            return None
+        d = self.deployment
+        if d is None or d.latency_target_met is not False:
+            return self.target_met
+        return self.macs_ratio <= target * TARGET_SLACK
+
 
 @dataclass(frozen=True)
 class ProgressEvent:

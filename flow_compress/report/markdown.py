@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from flow_compress.export import EAGER_RUNTIME, exporters
 from flow_compress.schema import (
     SPEEDUP_NOISE,
-    TARGET_SLACK,
     CompressionReport,
     CostModelStats,
     DeploymentOutcome,
@@ -128,17 +127,6 @@ def _latency_targets(d: DeploymentOutcome) -> str:
     return " and ".join(wanted)
 
 
-def _macs_target_met(report: CompressionReport) -> bool | None:
-    """The MACs target's own verdict: ``target_met`` also covers the latency target, so where
-    that was missed the MACs verdict comes from the ratio, as stage 1 judged it."""
-    d, target = report.deployment, report.config.target_macs
-    if report.target_met is None or target is None:
-        return report.target_met
-    if d is None or d.latency_target_met is not False:
-        return report.target_met
-    return report.macs_ratio <= target * TARGET_SLACK
-
-
 def _format(name: str) -> str:
     """A parity row's format: a registered format's label, or the plan replay check."""
     labels = {"plan_replay": "plan replay", "onnx_raw": "ONNX, raw uint8 input"} | {
@@ -222,7 +210,7 @@ def _deployment_sentences(d: DeploymentOutcome) -> list[str]:
 
 def _summary_sentence(report: CompressionReport) -> str:
     cfg = report.config
-    macs_met = _macs_target_met(report)
+    macs_met = report.macs_target_met
     if cfg.target_macs is None:
         target = "no MACs target"
     elif macs_met is None:
