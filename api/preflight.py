@@ -1,4 +1,5 @@
-"""POST /v1/preflight: a job's preflight (``flow_compress.preflight``), answered in seconds.
+"""POST /v1/preflight: a job's preflight (``flow_compress.pipeline.preflight``), answered in
+seconds.
 
 The request is the body ``POST /v1/jobs`` takes (a ``JobSpec``, as JSON or as the ``spec``
 part of a multipart form with an optional ``weights`` file), so ``submit`` checks exactly the

@@ -411,9 +411,9 @@ def run(
     ONNX file together; returns the rows, the device labels and the reports by choice."""
     import torch
 
+    from flow_compress.arch.models import build_model, load_weights
     from flow_compress.export import get_quantizer
     from flow_compress.export.onnx import export_onnx
-    from flow_compress.models import build_model, load_weights
     from flow_compress.pipeline import compress
     from flow_compress.plan import read_plan
 

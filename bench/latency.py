@@ -117,8 +117,8 @@ def compress_variant(
     """Compress ``weights`` with IDAP++ (``round_to`` 0 = none); returns the report, the base
     model and the pruned model, rebuilt on the CPU from the ``plan.json`` and
     ``weights.safetensors`` the compression wrote (the library's replay, as users load it)."""
+    from flow_compress.arch.models import build_model, load_weights
     from flow_compress.config import CompressionConfig
-    from flow_compress.models import build_model, load_weights
     from flow_compress.pipeline import compress
     from flow_compress.plan import read_plan, rebuild
 

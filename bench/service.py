@@ -203,7 +203,7 @@ class Service:
 
 def write_weights(storage: Path) -> Path:
     """A real resnet18 state (random init) in the storage folder, for ``weights_uri``."""
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
 
     path = storage / WEIGHTS_URI
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ def _du(root: Path) -> dict[str, int]:
 def footprint(redis_url: str, work: Path) -> dict[str, Any]:
     import torch
 
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
     from worker.broker import redis_client
     from worker.retention import Cleaner
     from worker.settings import WorkerSettings

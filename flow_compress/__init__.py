@@ -1,14 +1,19 @@
 """flow-compress: IDAP++ compression of PyTorch vision models.
 
 The public API is imported lazily so that torch-free modules (``config``, ``schema``,
-``errors``, ``refs``, ``artifacts`` and the registries of ``arch``, ``criteria`` and
-``export``) can be used without importing torch — the HTTP layer relies on that.
+``errors``, ``refs``, ``contract``, ``artifacts`` and the registries of ``arch``, ``criteria``
+and ``export``) can be used without importing torch — the HTTP layer relies on that.
 
-Packages: ``pipeline`` (compress = prepare → stages → finalize → publish), ``criteria``
-(stage-1 scores), ``arch`` (families, module surgery, stage-2 blocks, attention heads),
-``graph`` (DepGraph through torch-pruning, MACs), ``export`` (formats, parity, quantized
-variants), ``measure`` (accuracy, latency, environment), ``report`` (Markdown, plots).
-"""
+Packages: ``pipeline`` (compress = prepare → stages → finalize → publish, and the preflight),
+``criteria`` (stage-1 scores), ``arch`` (families, building models and loading weights, module
+surgery, stage-2 blocks, attention heads), ``graph`` (DepGraph through torch-pruning, MACs and
+the measured latency cost model), ``export`` (formats, parity, quantized variants), ``measure``
+(accuracy, latency, deployments, environment), ``report`` (Markdown, plots).
+
+Top-level modules are the two things every package shares: the torch-free vocabulary
+(``config``, ``schema``, ``errors``, ``refs``, ``contract``, ``artifacts``, and ``_registry``,
+the one registry shape) and the workflow around a compression (``data``, ``train``,
+``recovery``, ``plan``, ``cli``). Names starting with an underscore are internal."""
 
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ _EXPORTS = {
     "run_pipeline": "flow_compress.pipeline",
     "load_report": "flow_compress.report",
     "train": "flow_compress.train",
-    "build_model": "flow_compress.models",
-    "load_weights": "flow_compress.models",
+    "build_model": "flow_compress.arch.models",
+    "load_weights": "flow_compress.arch.models",
     "load_dataset": "flow_compress.data",
     "rebuild": "flow_compress.plan",
     "read_plan": "flow_compress.plan",
@@ -55,10 +60,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from flow_compress.arch import list_architectures
+    from flow_compress.arch.models import build_model, load_weights
     from flow_compress.config import CompressionConfig, TrainConfig
     from flow_compress.data import load_dataset
     from flow_compress.errors import FlowCompressError
-    from flow_compress.models import build_model, load_weights
     from flow_compress.pipeline import compress, run_pipeline
     from flow_compress.plan import read_plan, rebuild
     from flow_compress.report import load_report

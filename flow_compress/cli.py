@@ -20,7 +20,7 @@ from flow_compress.errors import FlowCompressError, InvalidConfigError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flow_compress.models import WeightCaches
+    from flow_compress.arch.models import WeightCaches
     from flow_compress.schema import CompressionReport, ProgressEvent
 
 # No name: ``api.cli`` mounts this app with ``add_typer``, and an unnamed app's commands join
@@ -59,7 +59,7 @@ def _caches() -> WeightCaches:
     import torch.hub
     from huggingface_hub import constants
 
-    from flow_compress.models import WeightCaches
+    from flow_compress.arch.models import WeightCaches
 
     return WeightCaches(hub_cache=Path(constants.HF_HUB_CACHE), torch_hub=Path(torch.hub.get_dir()))
 
@@ -136,7 +136,7 @@ def check(
     TorchScript and ONNX parity of the unpruned model. Exits 1 when a check fails, 2 on an
     error (with --json, ``{"error": {"code", "message"}}`` on stdout)."""
     from flow_compress.config import CompressionConfig, ExportConfig, PruneConfig
-    from flow_compress.preflight import preflight, preflight_config
+    from flow_compress.pipeline.preflight import preflight, preflight_config
 
     try:
         if config is not None:

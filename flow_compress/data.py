@@ -308,7 +308,7 @@ def load_dataset(
 
     The splits' ``contract`` (``flow_compress.contract.build_contract``) uses
     ``normalization`` when given (an architecture's published preprocessing, resolved by the
-    caller: ``flow_compress.models.pretrained_normalization``; its source is then
+    caller: ``flow_compress.arch.models.pretrained_normalization``; its source is then
     ``pretrained``), else ``config.custom_normalization`` (source ``config``), else the
     default. ``config.normalization == "pretrained"`` without ``normalization`` is an
     ``InvalidConfigError``: only the caller knows the architecture.
@@ -322,7 +322,7 @@ def load_dataset(
     elif config.normalization == "pretrained":
         raise InvalidConfigError(
             "data.normalization=pretrained: the caller must resolve the architecture's "
-            "preprocessing (flow_compress.models.pretrained_normalization) and pass it"
+            "preprocessing (flow_compress.arch.models.pretrained_normalization) and pass it"
         )
     parsed = ref if isinstance(ref, DatasetRef) else parse_dataset_ref(ref)
     try:

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from flow_compress.arch.blocks import make_replacement
+from flow_compress.arch.models import build_model, load_weights
 from flow_compress.arch.surgery import replace_module
 from flow_compress.errors import InvalidConfigError
 from flow_compress.graph import replay_prune
-from flow_compress.models import build_model, load_weights
 
 
 class Plan(BaseModel):

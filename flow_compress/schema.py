@@ -354,8 +354,8 @@ class ExportProbe(_Model):
 
 class PreflightReport(_Model):
     """What a compression of a model would meet, found without data or training
-    (``flow_compress.preflight``). Fields an earlier failed check made unanswerable are None
-    (``forward_error``, ``graph_error`` say why); ``ok`` sums it up."""
+    (``flow_compress.pipeline.preflight``). Fields an earlier failed check made unanswerable
+    are None (``forward_error``, ``graph_error`` say why); ``ok`` sums it up."""
 
     model: str
     architecture: str

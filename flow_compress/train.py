@@ -10,18 +10,18 @@ from pathlib import Path
 
 from torch import nn
 
-from flow_compress.artifacts import atomic_write_text
-from flow_compress.config import TrainConfig
-from flow_compress.data import DataSplits, load_dataset
-from flow_compress.device import resolve_device, seed_everything
-from flow_compress.measure.evaluate import evaluate
-from flow_compress.models import (
+from flow_compress._device import resolve_device, seed_everything
+from flow_compress.arch.models import (
     WeightCaches,
     build_model,
     resolve_model,
     resolve_normalization,
     save_weights,
 )
+from flow_compress.artifacts import atomic_write_text
+from flow_compress.config import TrainConfig
+from flow_compress.data import DataSplits, load_dataset
+from flow_compress.measure.evaluate import evaluate
 from flow_compress.recovery import LoopSettings, fit
 from flow_compress.refs import known_num_classes, parse_dataset_ref
 

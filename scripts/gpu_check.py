@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from flow_compress.arch.models import build_model, save_weights
 from flow_compress.config import CompressionConfig
 from flow_compress.data import load_dataset
 from flow_compress.measure.evaluate import evaluate
-from flow_compress.models import build_model, save_weights
 from flow_compress.pipeline import compress
 from flow_compress.recovery import LoopSettings, fit
 

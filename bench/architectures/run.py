@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 
+from flow_compress.arch.models import build_model, save_weights
 from flow_compress.config import CompressionConfig, LatencyConfig, TrainConfig
 from flow_compress.errors import FlowCompressError
 from flow_compress.measure.environment import environment
 from flow_compress.measure.latency import compare_latency
-from flow_compress.models import build_model, save_weights
 from flow_compress.pipeline import compress
 from flow_compress.plan import read_plan, rebuild
 from flow_compress.train import train

@@ -11,7 +11,7 @@ call and import it here (README, "Extending flow-compress").
 
 Machinery that reads the declarations: ``arch.surgery`` (module surgery, depends on nothing
 of this package), ``arch.blocks`` (stage-2 candidates), ``arch.attention`` (heads),
-``flow_compress.graph`` (DepGraph) and ``flow_compress.models`` (building).
+``flow_compress.graph`` (DepGraph) and ``flow_compress.arch.models`` (building).
 ``arch.structure`` reads what no family declares from module types and traced graphs
 (residual blocks, channel shuffles, layer scales): the declarations are the special cases.
 """

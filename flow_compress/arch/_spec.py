@@ -32,7 +32,7 @@ the structural ones (``arch.blocks``, ``arch.attention``, ``graph``); it is not 
 @dataclass(frozen=True)
 class ArchSpec:
     """A registered architecture. ``family`` names the registered ``Family`` that builds it
-    (``flow_compress.models.build_model`` dispatches on it); ``builder`` is the constructor's
+    (``flow_compress.arch.models.build_model`` dispatches on it); ``builder`` is the constructor's
     name in ``source``'s own registry (``torchvision.models.get_model`` or
     ``timm.create_model``), which may differ from ``name`` (``timm_resnet50`` → ``resnet50``).
 
@@ -261,7 +261,7 @@ def families() -> Iterator[Family]:
 
 def get_architecture(name: str) -> ArchSpec:
     """The registered architecture ``name``; an unknown one raises ``UnsupportedModelError``
-    listing the registered names. (``flow_compress.models.resolve_model`` also resolves
+    listing the registered names. (``flow_compress.arch.models.resolve_model`` also resolves
     timm, torchvision and ``hf-hub:`` names.)"""
     _load_plugins()
     return _ARCHITECTURES.get(name)

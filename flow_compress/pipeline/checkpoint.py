@@ -40,9 +40,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from flow_compress.arch.models import read_state_dict, save_weights
 from flow_compress.artifacts import atomic_write_text, sha256_file
 from flow_compress.config import CompressionConfig
-from flow_compress.models import read_state_dict, save_weights
 from flow_compress.pipeline.context import Context
 from flow_compress.plan import apply_ops
 from flow_compress.schema import Stage, StepRecord

@@ -23,6 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from flow_compress.arch.models import (
+    WeightCaches,
+    build_model,
+    load_weights,
+    replace_classifier,
+    resolve_model,
+    resolve_normalization,
+    save_weights,
+)
 from flow_compress.artifacts import atomic_write_text, sha256_file, write_manifest
 from flow_compress.config import CompressionConfig, GuaranteeConfig
 from flow_compress.contract import CONTRACT_FILE
@@ -40,15 +49,6 @@ from flow_compress.export.raw import RAW_FILE, check_raw_parity, write_raw_onnx
 from flow_compress.measure.environment import environment
 from flow_compress.measure.evaluate import evaluate, relative_output_error
 from flow_compress.measure.latency import compare_latency
-from flow_compress.models import (
-    WeightCaches,
-    build_model,
-    load_weights,
-    replace_classifier,
-    resolve_model,
-    resolve_normalization,
-    save_weights,
-)
 from flow_compress.pipeline.checkpoint import Checkpointer, fingerprint
 from flow_compress.pipeline.context import CancelFn, Context, ProgressFn
 from flow_compress.pipeline.run import CompressionResult, run_pipeline

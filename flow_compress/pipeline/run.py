@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from flow_compress._device import resolve_device, seed_everything
 from flow_compress.config import CompressionConfig
 from flow_compress.data import DataSplits
-from flow_compress.device import resolve_device, seed_everything
 from flow_compress.graph.latency_cost import LatencyTable
 from flow_compress.measure.deployment import DeploymentTimer, check_available
 from flow_compress.pipeline.checkpoint import Checkpointer, attach, resume

@@ -377,7 +377,7 @@ def test_a_key_cannot_compress_another_keys_upload_with_two_workers_running(
     """Round one's attack, replayed against a real service with two workers: Bob names
     Alice's queued upload as his weights. Refused, exactly as a job that never existed is;
     Alice may reuse her own upload, and both her jobs run on the two workers."""
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
     from tests.api.test_load import JOB
     from tests.worker.support import start_worker
 

@@ -95,7 +95,7 @@ def test_concurrent_polls_and_submissions_lose_nothing(
 ) -> None:
     import torch
 
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
 
     storage = tmp_path / "storage"
     (storage / "models").mkdir(parents=True)

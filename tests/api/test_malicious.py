@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from flow_compress.models import build_model
+from flow_compress.arch.models import build_model
 from tests.api.conftest import storage_of, store_of
 from worker.jobs import JobState
 from worker.tasks import run_job

@@ -69,7 +69,7 @@ class Ops:
 def ops(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     import torch
 
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
 
     root = tmp_path_factory.mktemp("ops")
     storage = root / "storage"

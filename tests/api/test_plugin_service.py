@@ -87,7 +87,7 @@ def weights_of_tinynet(acme: Path, path: Path) -> Path:
         import torch
         from acme_models.nets import TinyNet  # type: ignore[import-not-found]
 
-        from flow_compress.models import save_weights
+        from flow_compress.arch.models import save_weights
 
         torch.manual_seed(0)
         save_weights(TinyNet(10, 3), path)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from api.auth import PUBLIC_OWNER
 from api.cli import EXIT_PREFLIGHT
 from api.cli import app as cli
-from flow_compress.models import build_model, save_weights
+from flow_compress.arch.models import build_model, save_weights
 from tests.api.conftest import storage_of, store_of
 from tests.api.test_client import server_url
 

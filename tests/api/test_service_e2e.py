@@ -132,7 +132,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def base_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "resnet18-digits.safetensors"
@@ -262,9 +262,9 @@ def timm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from flow_compress.arch import AUTO_FAMILY
+    from flow_compress.arch.models import build_model, resolve_model
     from flow_compress.config import DataConfig
     from flow_compress.data import load_dataset
-    from flow_compress.models import build_model, resolve_model
 
     assert resolve_model(AUTO_MODEL).spec.family == AUTO_FAMILY  # no hand-written rules
     torch.manual_seed(0)

@@ -138,7 +138,7 @@ def keyed(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
 
     folder = tmp_path_factory.mktemp("files")
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.combination import QUICK, markdown, plot, run
-from flow_compress.models import build_model, save_weights
+from flow_compress.arch.models import build_model, save_weights
 
 SIZE = 16
 # Random initial weights: the agreement bar is lifted (an untrained model's logits are nearly

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench.quality import METHODS, QUICK, REFERENCE, Model, budget_checks, run_grid
-from flow_compress.models import build_model, save_weights
+from flow_compress.arch.models import build_model, save_weights
 
 SIZE = 16
 PROTO = replace(

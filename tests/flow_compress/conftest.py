@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from flow_compress.arch.models import build_model, save_weights
 from flow_compress.config import CompressionConfig, DataConfig
 from flow_compress.data import DataSplits, load_dataset
-from flow_compress.models import build_model, save_weights
 from flow_compress.recovery import LoopSettings, fit
 
 SIZE = 16

@@ -23,13 +23,13 @@ from torch import nn
 from flow_compress.arch import families, get_architecture, get_family
 from flow_compress.arch.attention import PrunedMultiheadAttention
 from flow_compress.arch.blocks import find_candidates
+from flow_compress.arch.models import build_model
 from flow_compress.arch.surgery import classifier_path
 from flow_compress.config import DataConfig, ExportConfig
 from flow_compress.data import DataSplits, load_dataset
 from flow_compress.errors import UnsupportedModelError
 from flow_compress.export.parity import export_model
 from flow_compress.graph import PruningGraph, count_macs_params, replay_prune
-from flow_compress.models import build_model
 from flow_compress.pipeline import make_context, run_pipeline
 from flow_compress.pipeline.stage1 import FilterPruner
 from flow_compress.pipeline.stage2 import run_stage2

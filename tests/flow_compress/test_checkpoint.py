@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flow_compress.arch.models import build_model
 from flow_compress.config import CompressionConfig
 from flow_compress.data import DataSplits
 from flow_compress.errors import CancelledError
-from flow_compress.models import build_model
 from flow_compress.pipeline import CompressionResult, run_pipeline
 from flow_compress.pipeline.checkpoint import STATE_FILE, Checkpointer, fingerprint
 from flow_compress.plan import Plan, apply_plan

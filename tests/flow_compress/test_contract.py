@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from flow_compress.arch.models import pretrained_normalization, resolve_model
 from flow_compress.artifacts import read_manifest, verify_manifest
 from flow_compress.config import CompressionConfig, DataConfig
 from flow_compress.contract import (
@@ -30,7 +31,6 @@ from flow_compress.data import DIGITS_CLASSES, DataSplits, load_dataset
 from flow_compress.errors import InvalidConfigError
 from flow_compress.export.raw import RAW_FILE, RAW_INPUT_NAME
 from flow_compress.export.torchscript import read_contract_file
-from flow_compress.models import pretrained_normalization, resolve_model
 from flow_compress.pipeline import compress
 from flow_compress.schema import CompressionReport
 

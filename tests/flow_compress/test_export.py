@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
+from flow_compress.arch.models import build_model
 from flow_compress.config import ExportConfig
 from flow_compress.errors import ExportError, ExportParityError
 from flow_compress.export import get_exporter, list_exporters
 from flow_compress.export.onnx import export_onnx
 from flow_compress.export.parity import check_parity, export_model
 from flow_compress.export.torchscript import export_torchscript
-from flow_compress.models import build_model
 
 SIZE = 32
 

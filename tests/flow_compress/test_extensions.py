@@ -23,6 +23,7 @@ from flow_compress.arch import (
     unregister_family,
 )
 from flow_compress.arch.blocks import find_candidates
+from flow_compress.arch.models import build_model
 from flow_compress.config import CompressionConfig, ExportConfig, PruneConfig
 from flow_compress.criteria import (
     Criterion,
@@ -41,7 +42,6 @@ from flow_compress.export import (
     unregister_exporter,
 )
 from flow_compress.export.parity import check_parity, export_model
-from flow_compress.models import build_model
 from flow_compress.pipeline import make_context, run_pipeline
 from flow_compress.pipeline.stage1 import FilterPruner
 from flow_compress.plan import Plan, apply_plan

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from flow_compress.arch.models import build_model
 from flow_compress.config import LatencyConfig
 from flow_compress.errors import InvalidConfigError
 from flow_compress.measure.environment import describe_device, environment
 from flow_compress.measure.latency import compare_latency, measure_latency, prepare_engine
-from flow_compress.models import build_model
 
 SHAPE = (3, 32, 32)
 CFG = LatencyConfig(batch_sizes=(1, 3), warmup=1, runs=3, threads=1)

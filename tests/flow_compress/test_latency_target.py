@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from flow_compress.arch.models import build_model
 from flow_compress.config import CompressionConfig, DeploymentConfig
 from flow_compress.errors import BudgetExceededError, DeploymentUnavailableError
 from flow_compress.graph import PruningGraph
@@ -27,7 +28,6 @@ from flow_compress.graph.latency_cost import (
     time_layer,
     width_grid,
 )
-from flow_compress.models import build_model
 from flow_compress.pipeline import compress
 from flow_compress.pipeline.latency_selection import Option, select_by_latency
 from flow_compress.schema import speedup_verdict

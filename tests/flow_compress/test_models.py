@@ -11,8 +11,8 @@ from flow_compress.arch import (
     list_architectures,
     register_architecture,
 )
+from flow_compress.arch.models import build_model, load_weights, read_state_dict, save_weights
 from flow_compress.errors import BadCheckpointError, UnsupportedModelError
-from flow_compress.models import build_model, load_weights, read_state_dict, save_weights
 
 REQUIRED = [
     "resnet18",

@@ -16,8 +16,8 @@ import torchvision
 
 from flow_compress.arch import AUTO_FAMILY, get_architecture, list_architectures
 from flow_compress.arch.catalogue import Catalogue, build_catalogue, resolve_name
+from flow_compress.arch.models import build_model, resolve_model
 from flow_compress.errors import ErrorCode, UnsupportedModelError
-from flow_compress.models import build_model, resolve_model
 
 TIMM = timm.list_models()
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)

@@ -59,7 +59,7 @@ def test_the_plugin_model_builds_and_its_block_rule_finds_candidates(acme: Path)
     code = (
         "import torch\n"
         "from flow_compress.arch.blocks import find_candidates\n"
-        "from flow_compress.models import build_model\n"
+        "from flow_compress.arch.models import build_model\n"
         "m = build_model('acme_tinynet', 10, in_chans=1, input_size=16)\n"
         "x = torch.zeros(2, 1, 16, 16)\n"
         "assert m(x).shape == (2, 10)\n"

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from flow_compress.arch import Family, custom_models, register_family, unregister_family
+from flow_compress.arch.models import build_model, save_weights
 from flow_compress.config import ExportConfig, PruneConfig
 from flow_compress.graph import count_macs_params
-from flow_compress.models import build_model, save_weights
-from flow_compress.preflight import preflight
+from flow_compress.pipeline.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[2]
 TS_ONLY = ExportConfig(formats=("torchscript",), parity_samples=2)

@@ -14,6 +14,7 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from flow_compress.arch.models import build_model, save_weights
 from flow_compress.artifacts import read_manifest, verify_manifest
 from flow_compress.cli import app
 from flow_compress.config import CompressionConfig, QuantizeConfig
@@ -22,7 +23,6 @@ from flow_compress.errors import QuantizationParityError
 from flow_compress.export import get_quantizer, list_quantizers
 from flow_compress.export.onnx import export_onnx, run_logits, session
 from flow_compress.export.quantize import build_quantized, classifier_nodes
-from flow_compress.models import build_model, save_weights
 from flow_compress.pipeline import compress
 from flow_compress.recovery import LoopSettings, fit
 from flow_compress.report import load_report

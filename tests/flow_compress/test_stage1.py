@@ -4,10 +4,10 @@ import itertools
 import pytest
 import torch
 
+from flow_compress.arch.models import build_model
 from flow_compress.criteria import list_criteria
 from flow_compress.data import DataSplits
 from flow_compress.graph.adapter import PruningGraph
-from flow_compress.models import build_model
 from flow_compress.pipeline import make_context
 from flow_compress.pipeline.stage1 import FilterPruner, decay_schedule, paper_ratios
 from flow_compress.plan import Plan, apply_plan

@@ -15,18 +15,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flow_compress.arch.catalogue import WeightCaches
-from flow_compress.errors import (
-    BadCheckpointError,
-    ErrorCode,
-    UnsupportedModelError,
-    WeightsNotAvailableError,
-)
-from flow_compress.models import (
+from flow_compress.arch.models import (
     build_model,
     load_weights,
     read_state_dict,
     resolve_model,
     save_weights,
+)
+from flow_compress.errors import (
+    BadCheckpointError,
+    ErrorCode,
+    UnsupportedModelError,
+    WeightsNotAvailableError,
 )
 from flow_compress.pipeline import compress
 from flow_compress.pipeline.compress import prepare

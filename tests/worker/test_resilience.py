@@ -67,7 +67,7 @@ TINY: dict[str, Any] = {
 def base_weights(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     import torch
 
-    from flow_compress.models import build_model, save_weights
+    from flow_compress.arch.models import build_model, save_weights
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "resnet18.safetensors"

@@ -26,6 +26,7 @@ from torch import nn
 
 from flow_compress.arch.blocks import find_candidates
 from flow_compress.arch.catalogue import WeightCaches
+from flow_compress.arch.models import build_model, load_weights, read_state_dict, resolve_model
 from flow_compress.arch.surgery import classifier_path
 from flow_compress.config import CompressionConfig, DeploymentConfig, ExportConfig, PruneConfig
 from flow_compress.errors import FlowCompressError
@@ -33,7 +34,6 @@ from flow_compress.export import get_exporter
 from flow_compress.export.parity import check_parity
 from flow_compress.graph import PruningGraph, count_macs_params
 from flow_compress.measure.deployment import check_available
-from flow_compress.models import build_model, load_weights, read_state_dict, resolve_model
 from flow_compress.refs import known_num_classes, parse_dataset_ref
 from flow_compress.schema import ExportProbe, LeftAlone, PreflightReport
 
