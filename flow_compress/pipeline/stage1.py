@@ -67,6 +67,35 @@ class _Selection:
     saved: float
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """Cumulative keep fractions of the MACs and of the base latency per step (decay shape),
+    and the paper schedule's per-step channel ratios."""
+
+    fractions: list[float]
+    ms_fractions: list[float] | None
+    ratios: list[float]
+
+
+@dataclass
+class _Aim:
+    """What one step cuts: MACs and milliseconds to remove (halved on each retry) and, for
+    the paper's schedule, the most channels. ``macs_target`` / ``ms_target``: whether the step
+    has a MACs / a latency target at all."""
+
+    macs_target: bool
+    ms_target: bool
+    reduction: float
+    reduction_ms: float
+    max_count: int | None
+
+    def halve(self) -> None:
+        self.reduction /= 2
+        self.reduction_ms /= 2
+        if self.max_count is not None:
+            self.max_count = max(1, self.max_count // 2)
+
+
 class FilterPruner:
     """Runs stage 1 on ``model`` in place; the accepted model is returned."""
 
@@ -271,113 +300,166 @@ class FilterPruner:
     def run(self, model: nn.Module, start_step: int = 0) -> nn.Module:
         """Prune ``model`` along the schedule; ``start_step`` > 0 resumes a checkpointed run
         whose first ``start_step`` steps are already in ``model`` and the context."""
-        ctx, cfg = self.ctx, self.cfg
-        target = ctx.target_macs
-        target_ms = ctx.target_latency_ms
-        base_ms = ctx.base_latency_ms
-        K = cfg.steps
-        fractions = decay_schedule(ctx.config.target_macs or 1.0, K)
-        ms_fractions = (
-            decay_schedule(min(1.0, target_ms / base_ms), K)
-            if target_ms is not None and base_ms
-            else None
-        )
-        ratios = paper_ratios(K, cfg.paper_alpha, cfg.paper_beta)
+        ctx, K = self.ctx, self.cfg.steps
+        schedule = self._schedule()
         for k in range(start_step, K):
             ctx.check_cancel()
             macs, _ = ctx.cost(model)
             if ctx.reached_targets(macs):
                 break
-            max_count = None
-            if cfg.schedule == "decay":
-                step_target = max(target, fractions[k] * ctx.base_macs) if target else None
-            else:
-                step_target = target
-                max_count = self._count_for_ratio(model, ratios[k])
-            step_ms = None
-            if target_ms is not None and base_ms is not None:
-                # Aim below the target by the noise ``reached_latency`` demands it be cleared
-                # by, else a step could land between the two and leave nothing to cut.
-                aim = target_ms / (1 + max(SPEEDUP_NOISE, ctx.latency_spread / 2))
-                step_ms = (
-                    max(aim, ms_fractions[k] * base_ms)
-                    if ms_fractions is not None and cfg.schedule == "decay"
-                    else aim
-                )
             now_ms = ctx.latency_now_ms
-            reduction = macs - step_target if step_target is not None else 0.0
-            reduction_ms = max(0.0, now_ms - step_ms) if step_ms is not None and now_ms else 0.0
-            snapshot = copy.deepcopy(model)
-            accepted = False
-            for attempt in range(cfg.retries + 1):
-                predicted = None
-                if cfg.ranking == "score_per_ms":
-                    pruned, entries, predicted = self.cut_by_latency(
-                        model,
-                        macs - reduction if step_target is not None else None,
-                        now_ms - reduction_ms if step_ms is not None and now_ms else None,
-                    )
-                else:
-                    # Milliseconds to save become MACs at the model's measured ms per MAC.
-                    need = reduction
-                    if reduction_ms and now_ms:
-                        need = max(need, reduction_ms * macs / now_ms)
-                    pruned, entries = self.cut(model, macs - need, max_count)
-                if not entries:
-                    break
-                ctx.recover(pruned, ctx.config.recovery.iters_per_step, STAGE)
-                top1, top5 = ctx.val_accuracy(pruned)
-                if ctx.drop(top1) <= ctx.config.max_drop:
-                    model = pruned
-                    ctx.plan_ops.extend(entries)
-                    rec = ctx.record(
-                        model,
-                        STAGE,
-                        top=(top1, top5),
-                        detail=f"step {k + 1}/{K}" + (f", retry {attempt}" if attempt else ""),
-                        predicted_ms=predicted,
-                    )
-                    if predicted is not None and now_ms and rec.latency_ms is not None:
-                        self._learn(now_ms, predicted, rec.latency_ms)
-                    ctx.accepted(model, STAGE, k + 1)
-                    ctx.emit(
-                        STAGE,
-                        k + 1,
-                        K,
-                        macs=rec.macs,
-                        top1=rec.top1,
-                        message=f"pruned to {rec.macs / ctx.base_macs:.1%} of base MACs",
-                    )
-                    accepted = True
-                    break
-                ctx.notes.append(
-                    f"Filter Prune step {k + 1}: drop {ctx.drop(top1):.2f} > budget "
-                    f"{ctx.config.max_drop:.2f}, rolled back (attempt {attempt + 1})"
-                )
-                model = copy.deepcopy(snapshot)
-                reduction /= 2
-                reduction_ms /= 2
-                if max_count is not None:
-                    max_count = max(1, max_count // 2)
+            aim = self._aim(model, k, macs, now_ms, schedule)
+            model, accepted = self._step(model, k, macs, now_ms, aim)
             if not accepted:
                 ctx.emit(
                     STAGE, K, K, message="accuracy budget reached; keeping last accepted model"
                 )
                 break
         macs, _ = ctx.cost(model)
+        self._note_shortfall(macs)
+        ctx.emit(STAGE, K, K, macs=macs)
+        return model
+
+    def _schedule(self) -> _Schedule:
+        ctx, cfg = self.ctx, self.cfg
+        target_ms, base_ms = ctx.target_latency_ms, ctx.base_latency_ms
+        return _Schedule(
+            fractions=decay_schedule(ctx.config.target_macs or 1.0, cfg.steps),
+            ms_fractions=(
+                decay_schedule(min(1.0, target_ms / base_ms), cfg.steps)
+                if target_ms is not None and base_ms
+                else None
+            ),
+            ratios=paper_ratios(cfg.steps, cfg.paper_alpha, cfg.paper_beta),
+        )
+
+    def _aim(
+        self,
+        model: nn.Module,
+        k: int,
+        macs: float,
+        now_ms: float | None,
+        schedule: _Schedule,
+    ) -> _Aim:
+        """Step ``k``'s cut: the MACs and milliseconds between the model now and the step's
+        targets on the schedule (and, for the paper's schedule, its channel count)."""
+        ctx, cfg = self.ctx, self.cfg
+        target, target_ms, base_ms = ctx.target_macs, ctx.target_latency_ms, ctx.base_latency_ms
+        max_count = None
+        if cfg.schedule == "decay":
+            step_target = max(target, schedule.fractions[k] * ctx.base_macs) if target else None
+        else:
+            step_target = target
+            max_count = self._count_for_ratio(model, schedule.ratios[k])
+        step_ms = None
+        if target_ms is not None and base_ms is not None:
+            # Aim below the target by the noise ``reached_latency`` demands it be cleared
+            # by, else a step could land between the two and leave nothing to cut.
+            aim = target_ms / (1 + max(SPEEDUP_NOISE, ctx.latency_spread / 2))
+            step_ms = (
+                max(aim, schedule.ms_fractions[k] * base_ms)
+                if schedule.ms_fractions is not None and cfg.schedule == "decay"
+                else aim
+            )
+        reduction_ms = 0.0
+        if step_ms is not None and now_ms:
+            reduction_ms = max(0.0, now_ms - step_ms)
+        return _Aim(
+            macs_target=step_target is not None,
+            ms_target=step_ms is not None and bool(now_ms),
+            reduction=macs - step_target if step_target is not None else 0.0,
+            reduction_ms=reduction_ms,
+            max_count=max_count,
+        )
+
+    def _step(
+        self, model: nn.Module, k: int, macs: float, now_ms: float | None, aim: _Aim
+    ) -> tuple[nn.Module, bool]:
+        """One schedule step: cut, recover, evaluate; over the budget, roll back and retry
+        with half the cut. Returns the model to go on with and whether the step was kept."""
+        ctx = self.ctx
+        snapshot = copy.deepcopy(model)
+        for attempt in range(self.cfg.retries + 1):
+            pruned, entries, predicted = self._cut_for(model, macs, now_ms, aim)
+            if not entries:
+                return model, False
+            ctx.recover(pruned, ctx.config.recovery.iters_per_step, STAGE)
+            top1, top5 = ctx.val_accuracy(pruned)
+            if ctx.drop(top1) <= ctx.config.max_drop:
+                self._keep(pruned, entries, k, attempt, (top1, top5), predicted, now_ms)
+                return pruned, True
+            ctx.notes.append(
+                f"Filter Prune step {k + 1}: drop {ctx.drop(top1):.2f} > budget "
+                f"{ctx.config.max_drop:.2f}, rolled back (attempt {attempt + 1})"
+            )
+            model = copy.deepcopy(snapshot)
+            aim.halve()
+        return model, False
+
+    def _cut_for(
+        self, model: nn.Module, macs: float, now_ms: float | None, aim: _Aim
+    ) -> tuple[nn.Module, list[dict[str, object]], float | None]:
+        """The pruned copy, its plan entries and (``score_per_ms`` only) its predicted
+        latency."""
+        if self.cfg.ranking == "score_per_ms":
+            return self.cut_by_latency(
+                model,
+                macs - aim.reduction if aim.macs_target else None,
+                now_ms - aim.reduction_ms if aim.ms_target and now_ms else None,
+            )
+        # Milliseconds to save become MACs at the model's measured ms per MAC.
+        need = aim.reduction
+        if aim.reduction_ms and now_ms:
+            need = max(need, aim.reduction_ms * macs / now_ms)
+        pruned, entries = self.cut(model, macs - need, aim.max_count)
+        return pruned, entries, None
+
+    def _keep(
+        self,
+        model: nn.Module,
+        entries: list[dict[str, object]],
+        k: int,
+        attempt: int,
+        top: tuple[float, float],
+        predicted: float | None,
+        before_ms: float | None,
+    ) -> None:
+        """Record an accepted step: plan, dynamics row, the cost model's correction,
+        checkpoint and progress."""
+        ctx, K = self.ctx, self.cfg.steps
+        ctx.plan_ops.extend(entries)
+        rec = ctx.record(
+            model,
+            STAGE,
+            top=top,
+            detail=f"step {k + 1}/{K}" + (f", retry {attempt}" if attempt else ""),
+            predicted_ms=predicted,
+        )
+        if predicted is not None and before_ms and rec.latency_ms is not None:
+            self._learn(before_ms, predicted, rec.latency_ms)
+        ctx.accepted(model, STAGE, k + 1)
+        ctx.emit(
+            STAGE,
+            k + 1,
+            K,
+            macs=rec.macs,
+            top1=rec.top1,
+            message=f"pruned to {rec.macs / ctx.base_macs:.1%} of base MACs",
+        )
+
+    def _note_shortfall(self, macs: float) -> None:
+        ctx = self.ctx
         if not ctx.reached_target(macs):
             ctx.notes.append(
                 f"Filter Prune ended at {macs / ctx.base_macs:.1%} of base MACs, above the "
                 f"target {ctx.config.target_macs:.1%} (budget or per-layer caps)"
             )
-        if not ctx.reached_latency(ctx.latency_now_ms) and target_ms is not None:
+        if ctx.target_latency_ms is not None and not ctx.reached_latency(ctx.latency_now_ms):
             ctx.notes.append(
                 f"Filter Prune ended at {ctx.latency_now_ms:.3g} ms on the deployment, above "
-                f"the latency target {target_ms:.3g} ms (budget, per-layer caps, or widths "
-                "that save no measurable time)"
+                f"the latency target {ctx.target_latency_ms:.3g} ms (budget, per-layer caps, "
+                "or widths that save no measurable time)"
             )
-        ctx.emit(STAGE, K, K, macs=macs)
-        return model
 
     def _learn(self, before_ms: float, predicted_ms: float, measured_ms: float) -> None:
         """Fold the step's measured saving into the correction of the next prediction."""
