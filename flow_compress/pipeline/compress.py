@@ -209,15 +209,16 @@ def prepare(
             )
     elif config.pretrained:
         notes.append(f"weights: {config.model}'s published weights from the local cache")
-    cfg = resolved.pretrained_cfg or {}
-    if "mean" in cfg or "std" in cfg:
-        # Said in the report: the data pipeline has no per-model normalisation yet.
-        notes.append(
-            f"{config.model} states its own normalisation (mean {cfg.get('mean')}, std "
-            f"{cfg.get('std')}); the inputs were normalised with the library's defaults"
-        )
     else:
         notes.append("no weights given: compressed a randomly initialised model")
+    cfg = resolved.pretrained_cfg or {}
+    if ("mean" in cfg or "std" in cfg) and config.data.normalization != "pretrained":
+        # Weights trained with other statistics lose accuracy silently: say so in the report.
+        notes.append(
+            f"{config.model} states its own normalisation (mean {cfg.get('mean')}, std "
+            f"{cfg.get('std')}); the inputs were normalised as data.normalization="
+            f"{config.data.normalization!r} says (choose 'pretrained' for the model's own)"
+        )
     return Prepared(
         config=config,
         data=data,

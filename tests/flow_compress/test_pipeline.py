@@ -129,6 +129,7 @@ def test_report_names_the_input_and_the_pruned_weights(
     assert report.weights_sha256 == sha256_file(trained_weights)
     assert report.pruned_weights_sha256 == manifest["weights.safetensors"]["sha256"]
     assert report.pruned_weights_sha256 != report.weights_sha256
+    assert not any("no weights given" in n for n in report.notes), report.notes
     md = (compressed / "report.md").read_text()
     assert f"| Input weights sha256 | `{report.weights_sha256}` |" in md
     assert f"(weights.safetensors) | `{report.pruned_weights_sha256}` |" in md

@@ -236,6 +236,7 @@ def test_an_hf_hub_model_without_hand_written_rules_compresses_and_replays(
         # the base accuracy the report states is the hub model's (its weights were loaded)
         assert not torch.equal(rebuilt(x), pruned(x))
     assert any("Hugging Face cache" in n for n in report.notes)
+    assert not any("no weights given" in n for n in report.notes), report.notes
 
 
 # ----------------------------------------------------------------------------- pretrained
@@ -272,3 +273,12 @@ def test_pretrained_without_cached_weights_is_weights_not_available(
         with pytest.raises(WeightsNotAvailableError) as info:
             build_model(name, 10, pretrained=True, caches=caches)
         assert info.value.code is ErrorCode.WEIGHTS_NOT_AVAILABLE
+
+
+def test_only_a_run_without_weights_is_noted_as_randomly_initialised(tmp_path: Path) -> None:
+    cfg = small_config()
+    weights = tmp_path / "w.safetensors"
+    save_weights(build_model("resnet18", 10, in_chans=1, input_size=cfg.input_size), weights)
+    random_init = "no weights given: compressed a randomly initialised model"
+    assert random_init in prepare(cfg, None).notes
+    assert random_init not in prepare(cfg, weights).notes
