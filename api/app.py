@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,7 +54,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         storage.ensure()
+        # What exists at startup (modules, routes, schemas: ~100k objects) lives as long as
+        # the process, yet every full collection walked it: a 50-150 ms stall of the event
+        # loop on a busy 2-core machine, several times a minute under steady polling
+        # (BENCHMARKS.md §4). Frozen, it is out of the collector's sight; unfrozen at
+        # shutdown so an app built and dropped in a longer-lived process (the tests) can
+        # still be collected.
+        gc.collect()
+        gc.freeze()
         yield
+        gc.unfreeze()
         hasher.close()
         await reader.aclose()
         client.close()

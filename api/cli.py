@@ -12,20 +12,27 @@ while waiting.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from api.client import ApiClientError, Client
 from flow_compress.schema import TARGET_SLACK
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
@@ -86,12 +93,24 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log every request (the /metrics counters need no log).")
     ] = False,
+    api_processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port, each with its own event loop (one per CPU "
+            "core the API may use). Every process serves every job: they share the Redis and "
+            "the storage folder, and /metrics adds up their request counters.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the API and one worker here. Without FLOW_COMPRESS_REDIS_URL an embedded Redis is
     started, its data kept under the storage folder, so a restart keeps every job."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from api.app import create_app
+    from api.metrics import METRICS_DIR_ENV
     from api.settings import ApiSettings
     from worker.broker import EmbeddedRedis
     from worker.celery_app import create_celery
@@ -116,23 +135,42 @@ def serve(
             requeue_orphaned_jobs(create_celery(settings), settings)
     worker_proc: subprocess.Popen[bytes] | None = None
     stopping = threading.Event()
+    metrics_dir: Path | None = None
     try:
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(settings),
-                host=host,
-                port=port,
-                log_level=log_level,
-                server_header=False,  # the software and its version are nobody's business
-                # Slow uploads end on their own (upload_idle_timeout_s); this bounds the rest.
-                timeout_graceful_shutdown=30,
-                # A log line per request costs more than the request itself on a status poll.
-                access_log=access_log,
+        options: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "log_level": log_level,
+            "server_header": False,  # the software and its version are nobody's business
+            # Slow uploads end on their own (upload_idle_timeout_s); this bounds the rest.
+            "timeout_graceful_shutdown": 30,
+            # A log line per request costs more than the request itself on a status poll.
+            "access_log": access_log,
+        }
+        stop_api: Callable[[], object]
+        if api_processes == 1:
+            server = uvicorn.Server(uvicorn.Config(create_app(settings), **options))
+            stop_api = functools.partial(setattr, server, "should_exit", True)
+            run_api = server.run
+        else:
+            # Spawned processes build their app from the environment: hand them this
+            # serve's Redis and folder, and a fresh folder where prometheus_client keeps
+            # each process's counters for a scrape (answered by any one of them) to add up.
+            metrics_dir = Path(tempfile.mkdtemp(prefix="flow-compress-metrics-"))
+            os.environ["FLOW_COMPRESS_REDIS_URL"] = str(settings.redis_url)
+            os.environ["FLOW_COMPRESS_STORAGE_DIR"] = str(storage.root)
+            os.environ[METRICS_DIR_ENV] = str(metrics_dir)
+            config = uvicorn.Config(
+                "api.cli:api_process_app", factory=True, workers=api_processes, **options
             )
-        )
+            # uvicorn's supervisor: restarts a process that dies, and on SIGTERM or SIGINT
+            # stops them all and returns (its handlers, set here, are the ones in force).
+            supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+            stop_api = supervisor.should_exit.set
+            run_api = supervisor.run
         if worker:
             env = {
-                **os.environ,
+                **{k: v for k, v in os.environ.items() if k != METRICS_DIR_ENV},
                 "FLOW_COMPRESS_REDIS_URL": str(settings.redis_url),
                 "FLOW_COMPRESS_STORAGE_DIR": str(storage.root),
             }
@@ -146,19 +184,36 @@ def serve(
                 code = proc.wait()
                 if not stopping.is_set():
                     log.error("the worker exited (code %s); stopping", code)
-                    server.should_exit = True
+                    stop_api()
 
             threading.Thread(target=watch, args=(worker_proc,), daemon=True).start()
         # uvicorn shuts down on SIGTERM, then re-raises the signal with the handler it found;
         # SIGTERM's default would kill this process before the cleanup below runs.
-        signal.signal(signal.SIGTERM, _exit_on_signal)
-        server.run()
+        if api_processes == 1:
+            signal.signal(signal.SIGTERM, _exit_on_signal)
+        run_api()
     finally:
         stopping.set()
         if worker_proc is not None:
             _stop_worker(worker_proc)
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def api_process_app() -> FastAPI:
+    """The app of one of ``serve --api-processes N``'s processes, from the environment serve
+    set. The process ends with serve even when serve is killed outright, as the worker does
+    (``worker.process``): an orphan would keep the port and answer from a Redis that is gone."""
+    from api.app import create_app
+    from worker.process import die_with_parent
+
+    # Set here, in the process itself: uvicorn's supervisor starts it without a preexec hook.
+    set_death_signal = die_with_parent(signal.SIGTERM)
+    if set_death_signal is not None:
+        set_death_signal()
+    return create_app()
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -11,6 +11,12 @@ never share or clash):
   every ``metrics_storage_interval_s``).
 
 Metric names are documented in the README ("Metrics").
+
+With several API processes (``flow-compress serve --api-processes N``) each process keeps its
+request counters in files under ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess
+mode, chosen when that variable is set as prometheus_client is first imported), and a scrape,
+answered by whichever process accepts it, adds every process's up. The ``process_*`` metrics
+describe one process, so that mode leaves them out.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, multiprocess
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import Match
@@ -37,6 +43,7 @@ from worker.telemetry import live_workers, read_stage_histograms, stage_key
 log = logging.getLogger(__name__)
 
 NAMESPACE = "flow_compress"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for it
 # Request latency buckets (seconds): a status poll takes milliseconds, an upload seconds.
 REQUEST_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -254,12 +261,16 @@ class Metrics:
         self, store: JobStore, queue: str, storage: Storage, storage_interval_s: float
     ) -> None:
         self.registry = CollectorRegistry()
+        shared_dir = os.environ.get(METRICS_DIR_ENV)
+        # Shared: the counters live in the folder's files, read back for every process by
+        # the MultiProcessCollector; registered here as well they would count this one twice.
+        own = None if shared_dir else self.registry
         labels = ["method", "route", "status"]
         self.requests = Counter(
             f"{NAMESPACE}_http_requests",
             "HTTP requests answered, by method, route template and status.",
             labels,
-            registry=self.registry,
+            registry=own,
         )
         self.latency = Histogram(
             f"{NAMESPACE}_http_request_duration_seconds",
@@ -267,10 +278,13 @@ class Metrics:
             "template and status.",
             labels,
             buckets=REQUEST_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
         self.registry.register(ServiceCollector(store, queue, storage, storage_interval_s))
-        ProcessCollector(namespace=NAMESPACE, registry=self.registry)
+        if shared_dir:
+            multiprocess.MultiProcessCollector(self.registry, path=shared_dir)
+        else:
+            ProcessCollector(namespace=NAMESPACE, registry=self.registry)
 
 
-__all__ = ["Metrics", "RequestMetrics", "ServiceCollector", "route_template"]
+__all__ = ["METRICS_DIR_ENV", "Metrics", "RequestMetrics", "ServiceCollector", "route_template"]

@@ -16,10 +16,20 @@ Redis and a throw-away storage folder, submits a few seed jobs, then for each po
 - ``--streams`` Server-Sent-Event streams (``GET /v1/jobs/{id}/events``) held open and read
   for the whole run, when the server has that route (otherwise reported as skipped);
 - ``GET /metrics`` scraped every ``--scrape-every`` seconds, as Prometheus would (reported as
-  skipped when the server has no such route).
+  skipped when the server has no such route);
+- a first load of the web page every ``--page-every`` seconds, the jobs list (``GET /``) and
+  a job's page (``GET /jobs/{id}``) in turn: the HTML, then every static file it names and
+  the modules those import (each wave in parallel, each file on a new connection, nothing
+  cached: a first visit), then the API call the page's script makes first (the job list, or
+  the job). Latency: from the scheduled start to the last of these answers.
+
+Before the rates, ``--page-loads`` first loads of each page run one after the other on the
+otherwise idle service: the page's own cost, without queueing behind polls.
 
 Reported per rate and operation: requests, achieved rate, p50/p90/p99/max latency, errors
-(any answer other than the documented status, or a transport error). At the end every
+(any answer other than the documented status, or a transport error); per rate for the SSE
+streams: time to the response head and to the first event (the stored backlog), events and
+heartbeats read, errors. At the end every
 submitted job is cancelled, the service is stopped and its folder removed.
 
 The load generator is one asyncio process on uvloop with a minimal HTTP/1.1 keep-alive client
@@ -32,9 +42,12 @@ stays on 127.0.0.1 and is bounded in time and in count.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
+import posixpath
 import random
+import re
 import shutil
 import signal
 import socket
@@ -93,6 +106,9 @@ class Protocol:
     streams: int  # SSE streams held open during every phase
     scrape_every_s: float  # 0: no /metrics scrapes
     seed_jobs: int
+    page_every_s: float  # 0: no page loads during the phases
+    page_loads: int  # first loads of each page on the idle service, before the phases
+    api_processes: int = 1  # serve --api-processes
 
 
 QUICK = Protocol(
@@ -102,6 +118,8 @@ QUICK = Protocol(
     streams=10,
     scrape_every_s=1.0,
     seed_jobs=16,
+    page_every_s=1.0,
+    page_loads=30,
 )
 FULL = Protocol(
     rates=(100, 200, 350, 500, 600),
@@ -110,7 +128,13 @@ FULL = Protocol(
     streams=10,
     scrape_every_s=1.0,
     seed_jobs=16,
+    page_every_s=1.0,
+    page_loads=100,
 )
+# What a page loads (its HTML's href/src under /static/) and what a module imports.
+STATIC_REF = re.compile(rb'(?:href|src)="(/static/[^"?#]+)"')
+JS_IMPORT = re.compile(rb'(?:^|[\s;}])(?:import|from)\s*["\'](\./[^"\']+|/static/[^"\']+)["\']')
+PAGES = ("jobs", "job")  # GET / and GET /jobs/{id}
 
 
 @dataclass
@@ -135,9 +159,10 @@ def _free_port() -> int:
 class Service:
     """``flow-compress serve --no-worker`` in a child process, on loopback, in ``storage``."""
 
-    def __init__(self, storage: Path, repo: Path = REPO) -> None:
+    def __init__(self, storage: Path, repo: Path = REPO, api_processes: int = 1) -> None:
         self.storage = storage
         self.repo = repo
+        self.api_processes = api_processes
         self.port = _free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = storage.parent / "serve.log"
@@ -167,6 +192,8 @@ class Service:
             "--log-level",
             "warning",
         ]
+        if self.api_processes != 1:  # an older checkout may not have the option
+            cmd += ["--api-processes", str(self.api_processes)]
         with self.log_path.open("wb") as fh:
             self.proc = subprocess.Popen(
                 cmd, env=env, cwd=self.repo, stdout=fh, stderr=subprocess.STDOUT
@@ -335,11 +362,50 @@ class Phase:
     duration_s: float
     samples: list[Sample] = field(default_factory=list)
     streams_opened: int = 0
-    stream_events: int = 0
+    stream_events: int = 0  # data: lines read (one per event)
+    stream_heartbeats: int = 0  # comment lines (the server's pings)
+    stream_head_ms: list[float] = field(default_factory=list)  # connect to response head
+    stream_first_event_ms: list[float] = field(default_factory=list)  # connect to first event
     stream_errors: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     peak_in_flight: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)  # by process, during the phase
+    load_avg: tuple[float, float, float] | None = None  # at the phase's end
+
+
+@dataclass
+class PageLoad:
+    page: str
+    latency_ms: float  # HTML, its static files and the first API call, all answered
+    html_ms: float
+    requests: int
+    bytes: int
+    ok: bool
+    error: str | None
+
+
+class SseLines:
+    """The lines of a chunked ``text/event-stream`` body, as they arrive."""
+
+    def __init__(self) -> None:
+        self.raw = b""  # chunked transfer encoding, not yet decoded
+        self.text = b""  # decoded body, not yet a whole line
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.raw += data
+        while not self.ended:
+            head_end = self.raw.find(b"\r\n")
+            if head_end < 0:
+                break
+            size = int(self.raw[:head_end].split(b";")[0], 16)
+            if len(self.raw) < head_end + 2 + size + 2:
+                break
+            self.text += self.raw[head_end + 2 : head_end + 2 + size]
+            self.raw = self.raw[head_end + 2 + size + 2 :]
+            self.ended = size == 0
+        *lines, self.text = self.text.split(b"\n")
+        return [line.rstrip(b"\r") for line in lines]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -349,7 +415,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def process_tree(pid: int) -> dict[str, int]:
-    """The server process and its children (the embedded Redis), by name."""
+    """The server process and its children by role: the embedded Redis and, with
+    ``--api-processes`` above 1, the API processes (``api 1``, ...) under the supervisor
+    (then ``api``, which serves nothing itself)."""
     found = {"api": pid}
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -359,10 +427,23 @@ def process_tree(pid: int) -> dict[str, int]:
         for kid in kids:
             try:
                 name = Path(f"/proc/{kid}/comm").read_text().strip()
+                cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
             except OSError:
                 continue
-            found["redis" if "redis" in name else name] = int(kid)
+            if "redis" in name:
+                found["redis"] = int(kid)
+            elif b"resource_tracker" in cmdline:
+                continue  # multiprocessing's bookkeeping, idle
+            elif b"spawn_main" in cmdline:  # a process uvicorn's supervisor started
+                found[f"api {sum(k.startswith('api ') for k in found) + 1}"] = int(kid)
+            else:
+                found[name] = int(kid)
     return found
+
+
+def api_cpu_s(cpu_s: dict[str, float]) -> float:
+    """CPU seconds of every API process (and a supervisor's own)."""
+    return sum(v for k, v in cpu_s.items() if k == "api" or k.startswith("api "))
 
 
 class Load:
@@ -377,6 +458,8 @@ class Load:
         self.submit_body = json.dumps({"config": JOB_CONFIG, "weights_uri": WEIGHTS_URI}).encode()
         self.has_events: bool | None = None
         self.has_metrics: bool | None = None
+        self.page_rng = random.Random(seed + 1)
+        self.next_page = 0
 
     # ---------------------------------------------------------------- operations
     async def submit(self) -> tuple[bool, int | None, str | None]:
@@ -398,6 +481,81 @@ class Load:
         if status == 200 and b"# TYPE" in body:
             return True, status, None
         return False, status, f"HTTP {status}: {body[:200]!r}"
+
+    async def page(self) -> tuple[bool, int | None, str | None]:
+        name = PAGES[self.next_page % len(PAGES)]
+        self.next_page += 1
+        load = await self.first_load(name, time.perf_counter())
+        return load.ok, 200 if load.ok else None, load.error
+
+    # ---------------------------------------------------------------- the web page
+    async def fetch_new(self, path: str) -> tuple[int, bytes]:
+        """One GET on a connection of its own (a first visit reuses nothing)."""
+        conn = await Connection.open(self.port)
+        try:
+            return await asyncio.wait_for(conn.request("GET", path), REQUEST_TIMEOUT_S)
+        finally:
+            conn.close()
+
+    async def first_load(self, page: str, start: float) -> PageLoad:
+        """What a browser fetches on a first visit of ``page`` before it shows data: the
+        HTML; its static files (stylesheet, module script, preloads, icon), then the modules
+        those import, each wave in parallel; then the script's first API call."""
+        job_id = self.page_rng.choice(self.seed_ids)
+        if page == "jobs":
+            html_path, data_path = "/", "/v1/jobs?limit=20&offset=0"  # jobs.js's first call
+        else:
+            html_path, data_path = f"/jobs/{job_id}", f"/v1/jobs/{job_id}"  # job.js's first
+        requests, size = 0, 0
+
+        def failed(error: str) -> PageLoad:
+            ms = (time.perf_counter() - start) * 1000
+            return PageLoad(page, ms, float("nan"), requests, size, False, error)
+
+        status, body = await self.fetch_new(html_path)
+        html_ms = (time.perf_counter() - start) * 1000
+        requests, size = 1, len(body)
+        if status != 200:
+            return failed(f"HTTP {status} for {html_path}")
+        seen: set[str] = set()
+        wave = [ref.decode() for ref in STATIC_REF.findall(body)]
+        while wave:
+            wave = [path for path in dict.fromkeys(wave) if path not in seen]
+            seen.update(wave)
+            answers = await asyncio.gather(*(self.fetch_new(path) for path in wave))
+            imports: list[str] = []
+            for path, (status, data) in zip(wave, answers, strict=True):
+                requests, size = requests + 1, size + len(data)
+                if status != 200:
+                    return failed(f"HTTP {status} for {path}")
+                if path.endswith(".js"):
+                    imports += [
+                        posixpath.normpath(posixpath.join(posixpath.dirname(path), ref.decode()))
+                        for ref in JS_IMPORT.findall(data)
+                    ]
+            wave = imports
+        status, body = await self.fetch_new(data_path)
+        requests, size = requests + 1, size + len(body)
+        if status != 200:
+            return failed(f"HTTP {status} for {data_path}")
+        ms = (time.perf_counter() - start) * 1000
+        return PageLoad(page, ms, html_ms, requests, size, True, None)
+
+    async def idle_pages(self) -> list[PageLoad]:
+        """``page_loads`` first loads of each page, one at a time, nothing else running."""
+        loads = []
+        for _ in range(self.proto.page_loads):
+            for name in PAGES:
+                try:
+                    loads.append(await self.first_load(name, time.perf_counter()))
+                except (
+                    OSError,
+                    asyncio.TimeoutError,
+                    asyncio.IncompleteReadError,
+                    HttpError,
+                ) as exc:
+                    loads.append(PageLoad(name, float("nan"), float("nan"), 0, 0, False, str(exc)))
+        return loads
 
     async def _timed(self, phase: Phase, op: str, t0: float, scheduled: float) -> None:
         try:
@@ -443,6 +601,7 @@ class Load:
 
     async def _stream(self, phase: Phase, job_id: str, stop: asyncio.Event) -> None:
         """Hold one SSE stream open and read it until ``stop``."""
+        start = time.perf_counter()
         try:
             conn = await Connection.open(self.port)
         except OSError as exc:
@@ -457,7 +616,13 @@ class Load:
             if status != 200 or "text/event-stream" not in headers.get("content-type", ""):
                 phase.stream_errors.append(f"HTTP {status} {headers.get('content-type')}")
                 return
+            if headers.get("transfer-encoding", "").lower() != "chunked":
+                phase.stream_errors.append("the stream is not chunked")
+                return
+            phase.stream_head_ms.append((time.perf_counter() - start) * 1000)
             phase.streams_opened += 1
+            body = SseLines()
+            first_event = True
             reading = asyncio.ensure_future(conn.reader.read(65536))
             while not stop.is_set():
                 done, _ = await asyncio.wait({reading}, timeout=0.2)
@@ -466,7 +631,16 @@ class Load:
                 chunk = reading.result()
                 if not chunk:
                     break  # the server ended the stream (a finished job's stream may end)
-                phase.stream_events += chunk.count(b"\n\n")
+                for line in body.feed(chunk):
+                    if line.startswith(b"data:"):
+                        phase.stream_events += 1
+                        if first_event:
+                            first_event = False
+                            phase.stream_first_event_ms.append((time.perf_counter() - start) * 1000)
+                    elif line.startswith(b":"):
+                        phase.stream_heartbeats += 1
+                if body.ended:
+                    break
                 reading = asyncio.ensure_future(conn.reader.read(65536))
             reading.cancel()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, HttpError) as exc:
@@ -513,9 +687,12 @@ class Load:
             schedules.append(self._schedule(phase, "submit", proto.submit_rate, t0, end))
         if proto.scrape_every_s and self.has_metrics:
             schedules.append(self._schedule(phase, "scrape", 1 / proto.scrape_every_s, t0, end))
+        if proto.page_every_s:
+            schedules.append(self._schedule(phase, "page", 1 / proto.page_every_s, t0, end))
         await asyncio.gather(*schedules)
         phase.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
         phase.cpu_s["load generator"] = sum(os.times()[:2]) - own0
+        phase.load_avg = os.getloadavg()
         stop.set()
         await asyncio.gather(*streams)
         return phase
@@ -531,8 +708,10 @@ class Load:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    async def run(self) -> tuple[list[Phase], dict[str, int]]:
+    async def run(self) -> tuple[list[PageLoad], list[Phase], dict[str, int]]:
         await self.seed()
+        log(f"service: {self.proto.page_loads} first loads of each page on the idle service")
+        idle = await self.idle_pages()
         phases = []
         for rate in self.proto.rates:
             log(f"service: {rate:g} polls/s for {self.proto.duration_s:g} s")
@@ -548,7 +727,7 @@ class Load:
             await asyncio.sleep(1.0)  # let the server drain between phases
         cancelled = await self.cancel_all()
         self.pool.close()
-        return phases, cancelled
+        return idle, phases, cancelled
 
 
 # --------------------------------------------------------------------------- summary
@@ -577,38 +756,80 @@ def stats(samples: Sequence[Sample], duration_s: float) -> dict[str, Any]:
     }
 
 
+def _dist(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50_ms": percentile(values, 50),
+        "p99_ms": percentile(values, 99),
+        "max_ms": max(values) if values else float("nan"),
+    }
+
+
 def phase_summary(phase: Phase) -> dict[str, Any]:
     return {
         "rate": phase.rate,
         "duration_s": phase.duration_s,
         "stats": {
             op: stats([s for s in phase.samples if s.op == op], phase.duration_s)
-            for op in ("poll", "submit", "scrape")
+            for op in ("poll", "submit", "scrape", "page")
         },
         "streams_opened": phase.streams_opened,
         "stream_events": phase.stream_events,
+        "stream_heartbeats": phase.stream_heartbeats,
+        "stream_head": _dist(phase.stream_head_ms),
+        "stream_first_event": _dist(phase.stream_first_event_ms),
         "stream_errors": phase.stream_errors[:5],
         "skipped": phase.skipped,
         "peak_in_flight": phase.peak_in_flight,
         "cpu_s": phase.cpu_s,
-        # CPU per answered request of every kind (polls, submissions and scrapes together):
-        # where the 2 cores go.
+        # CPU per answered request of every kind (polls, submissions, scrapes and page loads
+        # together): where the 2 cores go.
         "cpu_ms_per_request": {
             name: 1000 * sec / max(1, sum(1 for x in phase.samples if x.status is not None))
             for name, sec in phase.cpu_s.items()
         },
+        "load_avg": phase.load_avg,
     }
+
+
+def pages_summary(loads: Sequence[PageLoad]) -> dict[str, Any]:
+    out = {}
+    for name in PAGES:
+        mine = [x for x in loads if x.page == name]
+        ok = [x for x in mine if x.ok]
+        out[name] = {
+            "loads": len(mine),
+            "errors": len(mine) - len(ok),
+            "error_examples": [x.error for x in mine if not x.ok][:3],
+            "requests_per_load": max((x.requests for x in ok), default=0),
+            "bytes_per_load": max((x.bytes for x in ok), default=0),
+            "html": _dist([x.html_ms for x in ok]),
+            "first_load": _dist([x.latency_ms for x in ok]),
+        }
+    return out
 
 
 def _ms(value: float) -> str:
     return "–" if value != value else f"{value:.1f}"  # NaN: no sample
 
 
+def _pair(d: dict[str, float]) -> str:
+    return f"{_ms(d['p50_ms'])} / {_ms(d['p99_ms'])}"
+
+
+def _processes_flag(proto: dict[str, Any]) -> str:
+    n = proto.get("api_processes", 1)
+    return f" --api-processes {n}" if n != 1 else ""
+
+
+PAGE_PATHS = {"jobs": "`GET /` (jobs list)", "job": "`GET /jobs/{id}` (a job)"}
+
+
 def markdown(payload: dict[str, Any]) -> str:
     proto = payload["protocol"]
-    rows = []
+    rows, sse_rows = [], []
     for ph in payload["phases"]:
-        poll, submit, scrape = (ph["stats"][k] for k in ("poll", "submit", "scrape"))
+        poll, submit, scrape, page = (ph["stats"][k] for k in ("poll", "submit", "scrape", "page"))
+        load = ph.get("load_avg")
         rows.append(
             [
                 f"{ph['rate']:g}",
@@ -619,11 +840,38 @@ def markdown(payload: dict[str, Any]) -> str:
                 _ms(poll["max_ms"]),
                 poll["errors"],
                 f"{_ms(submit['p50_ms'])} / {_ms(submit['p99_ms'])}",
-                submit["errors"],
                 f"{_ms(scrape['p50_ms'])} / {_ms(scrape['p99_ms'])}",
-                ph["streams_opened"],
+                f"{_ms(page['p50_ms'])} / {_ms(page['p99_ms'])}",
+                submit["errors"] + scrape["errors"] + page["errors"],
+                f"{1000 * api_cpu_s(ph['cpu_s']) / max(1, poll['requests']):.2f}",
+                f"{load[0]:.2f}" if load else "–",
             ]
         )
+        sse_rows.append(
+            [
+                f"{ph['rate']:g}",
+                ph["streams_opened"],
+                f"{_ms(ph['stream_head']['p50_ms'])} / {_ms(ph['stream_head']['max_ms'])}",
+                f"{_ms(ph['stream_first_event']['p50_ms'])} / "
+                f"{_ms(ph['stream_first_event']['max_ms'])}",
+                ph["stream_events"],
+                ph["stream_heartbeats"],
+                len(ph["stream_errors"]),
+            ]
+        )
+    page_rows = [
+        [
+            PAGE_PATHS[name],
+            p["loads"],
+            p["requests_per_load"],
+            f"{p['bytes_per_load'] / 1024:.0f}",
+            _pair(p["html"]),
+            _pair(p["first_load"]),
+            _ms(p["first_load"]["max_ms"]),
+            p["errors"],
+        ]
+        for name, p in payload["idle_pages"].items()
+    ]
     skipped = {k: v for ph in payload["phases"] for k, v in ph["skipped"].items()}
     lines = [
         f"# Service load ({payload['mode']} mode)",
@@ -631,12 +879,15 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Command: `{payload['command']}`  ",
         f"Finished: {payload['finished']}",
         "",
-        f"`flow-compress serve --no-worker` on {HOST} (embedded Redis, fresh storage folder). "
+        f"`flow-compress serve --no-worker{_processes_flag(proto)}` on {HOST} (embedded Redis, "
+        "fresh storage folder). "
         f"Per row, {proto['duration_s']:g} s of status polls (`GET /v1/jobs/{{id}}`) at a fixed "
         f"open-loop rate, with {proto['submit_rate']:g} submission/s (JSON naming server-side "
         f"weights of {payload['weights_bytes'] / 1e6:.1f} MB), {proto['streams']} SSE streams "
-        f"open and `/metrics` scraped every {proto['scrape_every_s']:g} s. Latency from each "
-        "request's scheduled start. Load generator and server share the machine.",
+        f"open, `/metrics` scraped every {proto['scrape_every_s']:g} s and a first load of the "
+        f"web page every {proto['page_every_s']:g} s (the two pages in turn). Latency from each "
+        "request's scheduled start. Load generator and server share the machine; the load "
+        "average (1 min) is read at each row's end.",
         "",
         md_table(
             [
@@ -648,11 +899,55 @@ def markdown(payload: dict[str, Any]) -> str:
                 "max",
                 "poll errors",
                 "submit p50 / p99 ms",
-                "submit errors",
                 "/metrics p50 / p99 ms",
-                "SSE streams",
+                "page load p50 / p99 ms",
+                "other errors",
+                "API CPU ms per poll",
+                "load avg",
             ],
             rows,
+        ),
+        "",
+        "API CPU per poll: the API process's CPU time over the row divided by its polls "
+        "(submissions, scrapes, streams and page loads included, so an upper bound).",
+        "",
+        "## SSE streams (`GET /v1/jobs/{id}/events`)",
+        "",
+        "Opened before each row's clock starts and read for the whole row; the jobs are "
+        "queued (no worker), so each stream sends its stored backlog, then heartbeats.",
+        "",
+        md_table(
+            [
+                "polls/s offered",
+                "streams open",
+                "head p50 / max ms",
+                "first event p50 / max ms",
+                "events",
+                "heartbeats",
+                "errors",
+            ],
+            sse_rows,
+        ),
+        "",
+        "## Web page, first load",
+        "",
+        f"{proto['page_loads']} first loads of each page on the otherwise idle service, one at "
+        "a time: the HTML, its static files and the modules they import (each wave in "
+        "parallel, each file on a new connection, nothing cached), then the page script's "
+        "first API call. The same load ran during every row above (its `page load` column).",
+        "",
+        md_table(
+            [
+                "page",
+                "loads",
+                "requests per load",
+                "KiB per load",
+                "HTML p50 / p99 ms",
+                "first load p50 / p99 ms",
+                "max ms",
+                "errors",
+            ],
+            page_rows,
         ),
         "",
     ]
@@ -698,6 +993,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--streams", type=int, help="SSE streams held open (at most 200)")
     g.add_argument("--scrape-every", type=float, help="seconds between /metrics scrapes (0: none)")
     g.add_argument(
+        "--page-every", type=float, help="seconds between web page first loads (0: none)"
+    )
+    g.add_argument(
+        "--page-loads", type=int, help="first loads of each page on the idle service (0: none)"
+    )
+    g.add_argument("--api-processes", type=int, help="serve --api-processes (default 1, at most 8)")
+    g.add_argument(
         "--server-repo",
         type=Path,
         default=REPO,
@@ -713,6 +1015,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         submit_rate=args.submit_rate,
         streams=args.streams,
         scrape_every_s=args.scrape_every,
+        page_every_s=args.page_every,
+        page_loads=args.page_loads,
+        api_processes=args.api_processes,
     )
     # Bounded by design: a load test must not become a denial of service of this machine.
     if not (
@@ -722,24 +1027,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         and 0 <= proto.submit_rate <= 50
         and 0 <= proto.streams <= 200
         and proto.scrape_every_s >= 0
+        and proto.page_every_s >= 0
+        and 0 <= proto.page_loads <= 1000
+        and 1 <= proto.api_processes <= 8
     ):
         parser.error(
             "need 0 < rates <= 2000, 0 < duration <= 300, 0 <= submit-rate <= 50, "
-            "0 <= streams <= 200"
+            "0 <= streams <= 200, 0 <= page-loads <= 1000, 1 <= api-processes <= 8"
         )
 
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         storage = Path(tmp) / "storage"
         storage.mkdir()
         weights_bytes = write_weights(storage).stat().st_size
-        service = Service(storage, args.server_repo.resolve())
+        service = Service(storage, args.server_repo.resolve(), proto.api_processes)
         log(f"service: starting flow-compress serve on {service.url}")
         try:
             service.start()
             assert service.proc is not None
             log(f"service: server pid {service.proc.pid} (for a profiler: py-spy record -p PID)")
             load = Load(service.port, proto, service.proc.pid)
-            phases, cancelled = _run_loop(load.run())
+            # The weights above imported torch into this process: a full collection then
+            # walks its objects too, stalling the load generator for ~80 ms (polls sent late
+            # count as slow). Nothing made so far needs collecting.
+            gc.collect()
+            gc.freeze()
+            idle, phases, cancelled = _run_loop(load.run())
         finally:
             service.stop()
         serve_log = service.log_tail()
@@ -754,6 +1067,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_repo": str(args.server_repo),
         "job_config": JOB_CONFIG,
         "weights_bytes": weights_bytes,
+        "idle_pages": pages_summary(idle),
         "phases": [phase_summary(ph) for ph in phases],
         "jobs_submitted": len(load.job_ids),
         "cancelled": cancelled,
@@ -766,8 +1080,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_cdf(phases, out / "latency_cdf.png")
     write_text(out / "RESULTS.md", markdown(payload))
     errors = sum(
-        ph["stats"][op]["errors"] for ph in payload["phases"] for op in ("poll", "submit", "scrape")
-    )
+        ph["stats"][op]["errors"]
+        for ph in payload["phases"]
+        for op in ("poll", "submit", "scrape", "page")
+    ) + sum(p["errors"] for p in payload["idle_pages"].values())
     log(f"service: {len(phases)} rates, {errors} errors; wrote {out}")
     return 0 if errors == 0 else 1
 
