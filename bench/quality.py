@@ -14,11 +14,26 @@ the same seeds and data. Methods:
   ``GroupTaylorImportance`` and ``RandomImportance`` in place of the divergence score
   (``PruneConfig.criterion``); no truncation.
 
+and the recipes users actually run, outside IDAP++'s pipeline (``bench.recipes``), on the
+same base model, data, seeds and distillation settings:
+
+- ``tp_oneshot_<global|uniform>_<taylor|l1|random>``: torch-pruning's own pruner, once, to
+  the MACs target (its ratio found by bisection), then one distilled fine-tune of every step;
+- ``tp_iterative_<taylor|l1>``: torch-pruning's iterative schedule (K steps, its linear
+  ratio scheduler) with a distilled recovery after each step, then a distilled fine-tune;
+- ``sfp``: this project's implementation of soft filter pruning (He et al. 2018) during one
+  distilled fine-tune, the zeroed filters removed at the end.
+
+``--methods`` chooses among them (``pipeline`` and ``recipes`` name the two families).
+
 Equal budget: stage 2 spends ``trunc_iters`` optimisation steps per candidate block it tries,
 a number known only after the run. So for each (seed, target) ``idap_full`` runs first, and
 every other method's final fine-tune is lengthened by exactly the steps ``idap_full`` spent in
-stage 2. Every run's report records its steps per stage; ``results.json`` holds the totals and
-``budget_equal`` says whether they matched for each (seed, target).
+stage 2; every recipe spends ``idap_full``'s total (without the reference, the protocol's
+stage-1 and fine-tune steps) and prunes to the MACs ratio ``idap_full`` reached (at most the
+target: stage 2 may end below it). Every run's report records its steps per stage;
+``results.json`` holds the totals and ``budget_equal`` says whether they matched for each
+(seed, target).
 
 The accuracy budget ``max_drop`` is lifted (100 points) by default: with a budget, a weak
 criterion's rollbacks would stop it early at a *larger* model, and the comparison would no
@@ -56,6 +71,7 @@ from bench.common import (
     write_json,
     write_text,
 )
+from bench.recipes import RECIPES, RecipeSettings
 
 NAME = "quality"
 REFERENCE = "idap_full"
@@ -64,11 +80,13 @@ BASELINES = ("l1", "taylor", "random")
 
 @dataclass(frozen=True)
 class Method:
-    """One compared method: the score used in stage 1 and whether stage 2 runs."""
+    """One compared method: the score used in stage 1 and whether stage 2 runs; for a
+    recipe (``bench.recipes``, outside the pipeline), its importance and ``recipe`` set."""
 
     label: str
     criterion: str
     stage2: bool
+    recipe: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -77,7 +95,14 @@ METHODS: dict[str, Method] = {
     "l1": Method("L1 magnitude (torch-pruning)", "l1", False),
     "taylor": Method("Taylor (torch-pruning)", "taylor", False),
     "random": Method("random (torch-pruning)", "random", False),
+    **{
+        name: Method(spec.label, spec.importance, False, recipe=True)
+        for name, spec in RECIPES.items()
+    },
 }
+# The methods that run IDAP++'s pipeline (one shared stage-1 schedule), and the recipes.
+PIPELINE = tuple(m for m, spec in METHODS.items() if not spec.recipe)
+RECIPE_METHODS = tuple(m for m, spec in METHODS.items() if spec.recipe)
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,10 @@ class Protocol:
     ranking: str | None  # None: the library's default (PruneConfig.ranking)
     schedule: str
     consumer_weighting: bool = False
+    # SFP's zeroing rounds ("epochs"): its fine-tune is cut into this many equal chunks.
+    sfp_epochs: int = 10
+    # How close (fraction of the base MACs) the recipes' ratio search aims at the target.
+    ratio_tolerance: float = 0.002
 
 
 QUICK = Protocol(
@@ -123,6 +152,9 @@ QUICK = Protocol(
     max_drop=100.0,
     ranking=None,
     schedule="decay",
+    # Quick mode's 280-odd steps in ten rounds would zero half of every layer each 28 steps,
+    # too few to recover in between (the paper's rounds are whole ImageNet epochs).
+    sfp_epochs=4,
 )
 
 # The library's defaults (PruneConfig / TruncateConfig / RecoveryConfig) on the whole data.
@@ -389,14 +421,166 @@ def run_cell(
     raw = base_raw_config(proto, model, target, seed)
     rows: list[dict[str, Any]] = []
     extra = 0
+    # Without the reference, a recipe gets what a stock criterion then spends, and aims at
+    # the asked target.
+    total = proto.steps * proto.iters_per_step + proto.final_iters
+    recipe_raw = raw
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for method in ordered:
+            if METHODS[method].recipe:
+                settings = RecipeSettings(
+                    total_steps=total,
+                    prune_steps=proto.steps,
+                    iters_per_step=proto.iters_per_step,
+                    sfp_epochs=proto.sfp_epochs,
+                    tolerance=proto.ratio_tolerance,
+                )
+                rows.append(
+                    run_recipe_one(
+                        method, target, seed, recipe_raw, settings, weights, reports_dir, reuse
+                    )
+                )
+                continue
             cfg = method_config(raw, method, 0 if method == REFERENCE else extra)
             row, report = run_one(method, target, seed, cfg, weights, Path(tmp), reports_dir, reuse)
             if method == REFERENCE and report is not None:
                 extra = int(report.recovery_iterations.get("Layer Trunc", 0))
+                total = int(sum(report.recovery_iterations.values()))
+                # Equal cost means the MACs IDAP++ reached, which stage 2 can put below the
+                # asked target: a one-shot prune aimed at the target would keep more.
+                recipe_raw = {**raw, "target_macs": min(target, round(report.macs_ratio, 5))}
             rows.append(row)
     return rows
+
+
+def recipe_config(raw: dict[str, Any]) -> Any:
+    """The ``CompressionConfig`` a recipe runs with: ``raw`` (data, seed, device, recovery
+    settings, target) with stage 2 off; the recipe decides its own pruning and steps."""
+    from flow_compress.config import CompressionConfig
+
+    cfg = json.loads(json.dumps(raw))
+    cfg["truncate"]["enabled"] = False
+    return CompressionConfig.model_validate(cfg)
+
+
+def recipe_row(method: str, target: float, seed: int, result: Any, wall_s: float) -> dict[str, Any]:
+    """One row of ``results.json`` from a ``RecipeResult``, with the fields of
+    ``summarise_run``'s rows (a recipe has no stage 2 and no rollbacks)."""
+    iters = dict(result.recovery_iterations)
+    total = sum(iters.values())
+    spec = RECIPES[method]
+    base_top1, base_top5 = result.base_test
+    return {
+        "method": method,
+        "label": METHODS[method].label,
+        "target": target,
+        "seed": seed,
+        "top1": result.test[0],
+        "top5": result.test[1],
+        "base_top1": base_top1,
+        "base_top5": base_top5,
+        "drop": round(base_top1 - result.test[0], 4),
+        "macs": result.macs,
+        "base_macs": result.base_macs,
+        "macs_ratio": round(result.macs / result.base_macs, 5),
+        "params": result.params,
+        "base_params": result.base_params,
+        "params_ratio": round(result.params / result.base_params, 5),
+        "recovery_iterations": iters,
+        "total_steps": total,
+        "final_iters_configured": iters.get("Final Fine-Tune", 0),
+        "val_top1_last_step": round(result.val[0], 3),
+        "filter_prune_accepted": len(result.step_macs_ratios),
+        "filter_prune_rollbacks": 0,
+        "filter_prune_attempts": len(result.step_macs_ratios),
+        "step_macs_ratios": result.step_macs_ratios,
+        "layers_removed": 0,
+        "final_finetune_kept": True,
+        "recipe": {
+            "kind": spec.kind,
+            "importance": spec.importance,
+            "scope": "global" if spec.global_pruning else "uniform",
+            **result.details,
+        },
+        "timings_s": dict(result.timings_s),
+        "recovery_s_per_step": round(result.timings_s.get("recovery", 0.0) / max(1, total), 4),
+        "wall_s": round(wall_s, 2),
+    }
+
+
+def run_recipe_one(
+    method: str,
+    target: float,
+    seed: int,
+    raw: dict[str, Any],
+    settings: RecipeSettings,
+    weights: Path | None,
+    reports_dir: Path | None,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """Run one recipe (``bench.recipes.run_recipe``); returns its row (with an ``error`` when
+    it raised). Its record — identity (config, recipe, settings), row, plan entries and the
+    machine — is saved as ``reports_dir/<run id>.recipe.json``; with ``reuse`` (or no
+    ``weights``: summarising) a saved record of the same identity is taken instead."""
+    from bench.recipes import run_recipe
+    from flow_compress.measure.environment import environment
+
+    run_id = f"{method}-t{target:g}-s{seed}"
+    cfg = recipe_config(raw)
+    identity = {
+        "config": cfg.model_dump(mode="json"),
+        "recipe": method,
+        "settings": asdict(settings),
+    }
+    path = reports_dir / f"{run_id}.recipe.json" if reports_dir is not None else None
+    if (reuse or weights is None) and path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:  # a torn file is recomputed, not trusted
+            saved = {}
+        if saved.get("identity") == identity:
+            log(f"quality: {run_id}: reusing its saved record (same config)")
+            row: dict[str, Any] = saved["row"]
+            return row
+    if weights is None:
+        log(f"quality: {run_id}: no saved record with this config")
+        return {
+            "method": method,
+            "label": METHODS[method].label,
+            "target": target,
+            "seed": seed,
+            "error": "not run (no saved report with this config)",
+        }
+    log(f"quality: {run_id} ({settings.total_steps} optimisation steps)")
+    start = time.perf_counter()
+    try:
+        result = run_recipe(method, cfg, weights, settings)
+    except Exception as exc:
+        row = {
+            "method": method,
+            "label": METHODS[method].label,
+            "target": target,
+            "seed": seed,
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+        log(f"quality: {run_id} failed: {row['error']}")
+        return row
+    row = recipe_row(method, target, seed, result, time.perf_counter() - start)
+    if path is not None:
+        write_json(
+            path,
+            {
+                "identity": identity,
+                "row": row,
+                "plan": result.entries,
+                "environment": dict(environment()),
+            },
+        )
+    log(
+        f"quality: {run_id}: top-1 {row['top1']:.2f} at {row['macs_ratio']:.1%} MACs, "
+        f"{row['total_steps']} steps, {row['wall_s']:.0f} s"
+    )
+    return row
 
 
 def _cell_in_child(threads: int, *args: Any) -> list[dict[str, Any]]:
@@ -465,14 +649,19 @@ def run_grid(
 
 
 def budget_checks(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (seed, target): the total optimisation steps and stage-1 attempts of every method,
-    and whether they are all equal."""
+    """Per (seed, target): the total optimisation steps of every method and the stage-1
+    attempts of every pipeline method, and whether each are all equal (recipes have their
+    own schedules, so only their totals are compared)."""
     out = []
     keys = sorted({(r["seed"], r["target"]) for r in runs})
     for seed, target in keys:
         group = [r for r in runs if (r["seed"], r["target"]) == (seed, target) and "error" not in r]
         totals = {r["method"]: r["total_steps"] for r in group}
-        attempts = {r["method"]: r["filter_prune_attempts"] for r in group}
+        attempts = {
+            r["method"]: r["filter_prune_attempts"]
+            for r in group
+            if not METHODS[r["method"]].recipe
+        }
         out.append(
             {
                 "seed": seed,
@@ -516,14 +705,26 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def headline(summary: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
-    """IDAP++ (full) at ``target`` against the best stock baseline and the base model."""
+    """IDAP++ (full) at ``target`` against the best stock baseline, the best recipe and the
+    base model."""
     at = {r["method"]: r for r in summary if abs(r["target"] - target) < 1e-9}
     ref = at.get(REFERENCE)
     baselines = [at[m] for m in BASELINES if m in at]
-    if ref is None or not baselines:
+    recipes = [at[m] for m in RECIPE_METHODS if m in at]
+    if ref is None or not (baselines or recipes):
         return None
-    best = max(baselines, key=lambda r: r["top1_mean"])
+    recipe = max(recipes, key=lambda r: r["top1_mean"]) if recipes else None
+    versus: dict[str, Any] = {
+        "best_recipe": recipe["method"] if recipe else None,
+        "best_recipe_top1": recipe["top1_mean"] if recipe else None,
+        "best_recipe_macs_ratio": recipe["macs_ratio_mean"] if recipe else None,
+        "margin_vs_best_recipe": round(ref["top1_mean"] - recipe["top1_mean"], 3)
+        if recipe
+        else None,
+    }
+    best = max(baselines or recipes, key=lambda r: r["top1_mean"])
     return {
+        **versus,
         "target": target,
         "idap_full_top1": ref["top1_mean"],
         "best_baseline": best["method"],
@@ -547,6 +748,9 @@ def plot_accuracy_vs_macs(
     fig, ax = figure(7.5, 4.8)
     done = [r for r in runs if "error" not in r]
     markers = {"idap_full": "o", "idap_stage1": "s", "l1": "^", "taylor": "v", "random": "x"}
+    cycle = "DPh*<>+d1"
+    for i, method in enumerate(RECIPE_METHODS):
+        markers[method] = cycle[i % len(cycle)]
     for method, spec in METHODS.items():
         pts = []
         for target in sorted({r["target"] for r in done}):
@@ -558,15 +762,22 @@ def plot_accuracy_vs_macs(
         if pts:
             xs, ys, es = zip(*pts, strict=True)
             ax.errorbar(
-                xs, ys, yerr=es, marker=markers.get(method, "o"), capsize=3, label=spec.label
+                xs,
+                ys,
+                yerr=es,
+                marker=markers.get(method, "o"),
+                capsize=3,
+                label=spec.label,
+                # Recipes outside the pipeline dashed, so the two families read apart.
+                linestyle="--" if spec.recipe else "-",
             )
     if base_top1 is not None:
         ax.axhline(base_top1, color="0.3", linestyle="--", linewidth=1, label="base model")
     ax.set_xlabel("MACs kept, % of the base model")
     ax.set_ylabel("test top-1, %")
-    ax.set_title("Accuracy at equal cost (same schedule, same optimisation steps)")
+    ax.set_title("Accuracy at equal cost (same optimisation steps)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if len(ax.get_legend_handles_labels()[1]) > 8 else 8)
     fig.savefig(path, dpi=120)
 
 
@@ -577,14 +788,19 @@ def plot_headline(
     rows = [r for r in summary if abs(r["target"] - target) < 1e-9]
     if not rows:
         return
-    fig, ax = figure(7.0, 4.0)
-    labels = [r["label"].replace(" (torch-pruning)", "\n(torch-pruning)") for r in rows]
+    fig, ax = figure(max(7.0, 0.75 * len(rows)), 4.0)
+    labels = [
+        r["label"].replace(" (torch-pruning)", "\n(torch-pruning)").replace(" + KD", "\n+ KD")
+        for r in rows
+    ]
     ys = [r["top1_mean"] for r in rows]
     es = [r["top1_std"] or 0.0 for r in rows]
     bars = ax.bar(range(len(rows)), ys, yerr=es, capsize=3, color="tab:blue")
     for bar, row, err in zip(bars, rows, es, strict=True):
         if row["method"] in ("idap_full", "idap_stage1"):
             bar.set_color("tab:orange")
+        elif METHODS[row["method"]].recipe:
+            bar.set_color("tab:green")
         # The MACs each method really kept: stage 2 may go below the target.
         ax.annotate(
             f"{row['top1_mean']:.2f}\n{row['macs_ratio_mean']:.1%} MACs",
@@ -659,6 +875,18 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{proto['tau']}).",
         f"- Accuracy budget max_drop {proto['max_drop']:g} points (lifted, so every method "
         "reaches the same MACs target and no step is rolled back).",
+    ]
+    if any(METHODS[m].recipe for m in payload["methods"]):
+        lines.append(
+            "- Recipes outside the pipeline (`bench/recipes.py`) spend IDAP++ (full)'s total "
+            "steps with the same KD loss, lr and batch size: torch-pruning one-shot (its ratio "
+            "bisected to the MACs target) + one fine-tune of every step; torch-pruning "
+            f"iterative ({proto['steps']} steps, its linear scheduler, "
+            f"{proto['iters_per_step']} recovery steps after each) + a fine-tune of the rest; "
+            f"SFP (this project's implementation of He et al. 2018; {proto['sfp_epochs']} "
+            "zeroing rounds during one fine-tune, zeroed filters removed at the end)."
+        )
+    lines += [
         f"- Validation/test subset: {proto['max_eval_samples'] or 'all'} images each; "
         f"calibration: {proto['calibration_batches']} validation batches.",
         "",
@@ -709,6 +937,13 @@ def markdown(payload: dict[str, Any]) -> str:
             f"(goal: ≤ 1.00, {'met' if head['drop_within_1_point'] else 'not met'}).",
             "",
         ]
+        if head.get("best_recipe"):
+            lines += [
+                f"Against the best recipe ({METHODS[head['best_recipe']].label}, "
+                f"{head['best_recipe_macs_ratio']:.1%} MACs): "
+                f"{head['margin_vs_best_recipe']:+.2f} points.",
+                "",
+            ]
     lines += ["![top-1 per method](headline.png)", "", "## Every target", ""]
     targets = sorted({r["target"] for r in summary}, reverse=True)
     table_rows = []
@@ -797,6 +1032,19 @@ def markdown(payload: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def parse_methods(text: str) -> list[str]:
+    """Method names from a comma-separated list, ``all``, ``pipeline`` and ``recipes``
+    expanded (in ``METHODS`` order, each once); unknown names are kept for the caller to
+    report."""
+    groups = {"all": tuple(METHODS), "pipeline": PIPELINE, "recipes": RECIPE_METHODS}
+    out: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        for m in groups.get(item, (item,) if item else ()):
+            if m not in out:
+                out.append(m)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(NAME, "IDAP++ against stock pruning criteria at equal cost.")
     add_base_model_args(parser)
@@ -805,9 +1053,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--seeds", type=parse_ints, help="compression seeds, e.g. 0,1")
     g.add_argument(
         "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated subset of {', '.join(METHODS)}",
+        default="all",
+        help=f"comma-separated subset of {', '.join(METHODS)}; 'pipeline' names "
+        f"{', '.join(PIPELINE)}, 'recipes' the recipes, 'all' (the default) every method",
     )
+    g.add_argument("--sfp-epochs", type=int, help="SFP's zeroing rounds during its fine-tune")
     g.add_argument("--steps", type=int, help="stage-1 steps K")
     g.add_argument("--iters-per-step", type=int)
     g.add_argument("--trunc-iters", type=int)
@@ -861,9 +1111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_drop": args.max_drop,
         "ranking": args.ranking,
         "consumer_weighting": args.consumer_weighting,
+        "sfp_epochs": args.sfp_epochs,
     }
     proto = choose_protocol(args.mode, QUICK, FULL, **overrides)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = parse_methods(args.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")

@@ -4,7 +4,10 @@ It turns a model into ``PrunableGroup``s — coupled channels that must be remov
 or the heads of one attention layer — with, for each root unit, the MACs its removal saves
 and where the producers' activations are observed; it applies removals by root indices and
 replays them from a plan; it counts MACs; and it exposes torch-pruning's stock importances
-(L1 magnitude, Taylor, random) to the criteria that use them.
+(L1 magnitude, Taylor, random) to the criteria that use them. For the benchmarks' recipes it
+also runs torch-pruning's own pruner (``StockPruner``, ``prune_to_macs``: one-shot or
+iterative, global or uniform, to a MACs target) and zeroes units in place for soft filter
+pruning (``PruningGraph.zero_units``).
 
 Architecture handling comes from the families' declarations (``flow_compress.arch``,
 ``flow_compress.graph.support``):
@@ -35,6 +38,7 @@ replay builds a new graph whenever it changes, exactly as stage 1 did.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -330,6 +334,8 @@ class PruningGraph:
             pruner = _OpaquePruner(channels)
             types = {type(model.get_submodule(n)) for n in self.opaque.values()}
             pruners: dict[type, tp.pruner.BasePruningFunc] = dict.fromkeys(types, pruner)
+            # Kept for ``StockPruner``, which builds torch-pruning's own graph on this model.
+            self._opaque_pruners = pruners
             try:
                 self.graphs = [
                     _Graph(_build_dg(model, self.example, pruners, self.declared), "", model)
@@ -686,6 +692,58 @@ class PruningGraph:
             return torch.zeros(group.size)
         return scores.detach().float().cpu()
 
+    @torch.no_grad()
+    def zero_units(
+        self, group: PrunableGroup, root_idxs: Sequence[int], *, whole: bool = True
+    ) -> None:
+        """Zero units ``root_idxs`` of a channel group in place, without removing them (soft
+        filter pruning). In every layer whose *output* channels the group couples, the units'
+        filter rows and biases are zeroed. With ``whole`` (the default) the units' outputs
+        become exact zeros: a following norm's shift is zeroed too (BatchNorm's ``bias`` and
+        ``running_mean``; a LayerNorm/GroupNorm's ``weight`` and ``bias``), and so are a
+        declared layer scale's entries. Input-side (consumer) weights are left as they are:
+        they multiply zeros.
+
+        ``whole=False`` zeroes the filters only, as SFP does during training: a BatchNorm
+        after them then outputs its shift β, and where β > 0 the ReLU passes gradient back
+        through BN's scale γ, so the filters can regrow (with ``whole`` the ReLU sits at 0,
+        its gradient is 0, and nothing regrows).
+
+        After ``whole`` zeroing, removing the units (``prune``) leaves the model's outputs
+        unchanged wherever the coupled channels are normalised by BatchNorm or not at all; a
+        LayerNorm over the pruned dimension renormalises the remaining channels, so there
+        removal only approximately preserves the outputs."""
+        if group.unit != "channel":
+            raise ValueError(f"zero_units zeroes channel groups, not {group.unit}s")
+        chosen = {int(i) for i in root_idxs}
+        root = self.model.get_submodule(group.root_name)
+        dg = self._graph_of[root].dg
+        dims = {id(p): d for p, d in self.declared}
+        for item in group._group.items:  # type: ignore[attr-defined]
+            if not dg.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            idx = [i for i, r in zip(item.idxs, item.root_idxs, strict=True) if r in chosen]
+            if not idx:
+                continue
+            target = item.dep.target.module
+            at = torch.tensor(sorted(idx), dtype=torch.long)
+            if isinstance(target, nn.Parameter):
+                if whole and id(target) in dims:
+                    target.index_fill_(dims[id(target)], at.to(target.device), 0.0)
+                continue
+            if isinstance(target, nn.Conv2d | nn.Linear):
+                names = ("weight", "bias")
+            elif whole and isinstance(target, nn.modules.batchnorm._BatchNorm):
+                names = ("bias", "running_mean")
+            elif whole and isinstance(target, nn.LayerNorm | nn.GroupNorm):
+                names = ("weight", "bias")
+            else:
+                continue
+            for name in names:
+                t = getattr(target, name, None)
+                if isinstance(t, torch.Tensor):
+                    t.index_fill_(0, at.to(t.device), 0.0)
+
 
 def replay_prune(
     model: nn.Module, example: torch.Tensor, entries: Sequence[dict[str, object]]
@@ -701,3 +759,215 @@ def replay_prune(
             graph = PruningGraph(model, example)
             current = gid
         graph.prune_entry(dict(entry))
+
+
+# --------------------------------------------------------------------------- stock pruner
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that also carries its parameters' gradients (``deepcopy``
+    drops them, and torch-pruning's Taylor importance reads them)."""
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        if p.grad is not None:
+            q.grad = p.grad.detach().clone()
+    return twin
+
+
+class StockPruner:
+    """torch-pruning's own pruner (``tp.pruner.BasePruner``) on ``graph.model``: what a
+    torch-pruning user runs, with the library's exclusions so that it prunes only what stage
+    1 could prune.
+
+    ``importance`` names a stock importance (``l1``: ``GroupMagnitudeImportance(p=1)``,
+    ``taylor``: ``GroupTaylorImportance`` on the gradients the caller left on the model,
+    ``random``: ``RandomImportance``). ``global_pruning`` ranks the channels of every group
+    together (torch-pruning's global pruning); otherwise every group loses the same fraction
+    ``pruning_ratio`` of its channels (uniform, one ratio per layer). ``iterative_steps`` and
+    torch-pruning's linear ratio scheduler set the ratio each ``step`` prunes to;
+    ``max_pruning_ratio`` and ``round_to`` are passed on as they are (torch-pruning checks
+    the cap before a step, so a single step is not bounded by it).
+
+    Left to torch-pruning as ``ignored_layers``: the graph's ignored layers (the classifier),
+    opaque modules (attention, channel shuffles) and every conv/linear the graph leaves
+    alone (``PruningGraph.ignored``). Attention heads are not pruned: torch-pruning's head
+    pruning needs head counts declared per layer, and the comparison is about channels.
+    Opaque modules get the graph's own refusing handlers and are cut out of the trace as in
+    ``PruningGraph``."""
+
+    def __init__(
+        self,
+        graph: PruningGraph,
+        importance: str,
+        *,
+        global_pruning: bool,
+        pruning_ratio: float,
+        iterative_steps: int = 1,
+        max_pruning_ratio: float = 1.0,
+        round_to: int | None = None,
+    ) -> None:
+        if importance not in _STOCK:
+            raise ValueError(f"unknown stock importance {importance!r}; valid: {', '.join(_STOCK)}")
+        if not 0.0 <= pruning_ratio < 1.0:
+            raise ValueError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
+        model = graph.model
+        self.model = model
+        self.example = graph.example
+        self.iterative_steps = iterative_steps
+        self.steps_done = 0
+        left = {a.path for a in graph.ignored if a.path}
+        ignored: list[nn.Module] = [*graph.ignored_layers]
+        ignored += [model.get_submodule(p) for p in sorted(left)]
+        self.names = {m: n for n, m in model.named_modules()}
+        pruners = graph._opaque_pruners
+        handles = [
+            m.register_forward_hook(_cut_hook, with_kwargs=True)
+            for m in model.modules()
+            if type(m) in tuple(pruners)
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                self._pruner = tp.pruner.BasePruner(
+                    model,
+                    graph.example,
+                    importance=_STOCK[importance](),
+                    global_pruning=global_pruning,
+                    pruning_ratio=pruning_ratio,
+                    iterative_steps=iterative_steps,
+                    max_pruning_ratio=max_pruning_ratio,
+                    ignored_layers=ignored,
+                    round_to=round_to,
+                    customized_pruners=dict(pruners),
+                    unwrapped_parameters=graph.declared or None,
+                    root_module_types=[nn.Conv2d, nn.Linear],
+                )
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.iterative_steps
+
+    def step(self) -> list[dict[str, object]]:
+        """Prune the schedule's next step in place; returns one plan ``prune`` entry per group
+        pruned (replayable with ``replay_prune``; all entries of one step share a graph id).
+        Raises ``UnsupportedModelError`` when the pruned model no longer runs."""
+        if self.done:
+            return []
+        gid = next(_GRAPH_IDS)
+        entries: list[dict[str, object]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for group in self._pruner.step(interactive=True) or ():
+                root = group[0].dep.target.module
+                entries.append(
+                    {
+                        "op": "prune",
+                        "root": self.names[root],
+                        "idxs": sorted(int(i) for i in group[0].idxs),
+                        "graph": gid,
+                    }
+                )
+                group.prune()
+            self.steps_done += 1
+            with torch.no_grad():
+                self.model(self.example)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"torch-pruning's step broke the forward pass of {type(self.model).__name__} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        finally:
+            self.model.train(was_training)
+        return entries
+
+
+@dataclass(frozen=True)
+class StockCut:
+    """What ``prune_to_macs`` found: the pruned copy, torch-pruning's ``pruning_ratio`` that
+    produced it, its MACs, the plan entries that replay it, and the trials it took."""
+
+    model: nn.Module
+    pruning_ratio: float
+    macs: int
+    entries: list[dict[str, object]]
+    trials: int
+
+
+def prune_to_macs(
+    model: nn.Module,
+    example: torch.Tensor,
+    target_macs: float,
+    importance: str,
+    *,
+    global_pruning: bool,
+    ignored: Sequence[str] = (),
+    iterative_steps: int = 1,
+    max_pruning_ratio: float = 1.0,
+    round_to: int | None = None,
+    tolerance: float = 0.002,
+    max_trials: int = 24,
+    max_ratio: float = 0.95,
+    seed: int = 0,
+) -> StockCut:
+    """Prune a copy of ``model`` with ``StockPruner`` so that its MACs land on
+    ``target_macs``: bisection on torch-pruning's ``pruning_ratio`` in [0, ``max_ratio``].
+
+    Each trial prunes a fresh copy (gradients copied too, for Taylor) through all
+    ``iterative_steps`` of torch-pruning's schedule back to back, with no training between
+    them — exact for one-shot pruning, an estimate for an iterative schedule whose training
+    changes the importances between steps. ``random`` importance is drawn from a generator
+    seeded with ``seed`` in every trial, so that the ratio, not the draw, moves the MACs.
+    ``ignored`` are module paths (the classifier) left to torch-pruning as ignored layers.
+
+    Stops when the MACs are within ``tolerance`` × the model's MACs of the target (0.002:
+    0.2 points of MACs ratio) or after ``max_trials``; returns the trial closest to the
+    target (on a tie, the one with fewer MACs). ``model`` is not modified."""
+    base_macs, _ = count_macs_params(model, example)
+    lo, hi = 0.0, max_ratio
+    best: StockCut | None = None
+    trials = 0
+
+    def trial(ratio: float) -> StockCut:
+        twin = _copy_with_grads(model)
+        graph = PruningGraph(twin, example, ignored=[twin.get_submodule(p) for p in ignored])
+        pruner = StockPruner(
+            graph,
+            importance,
+            global_pruning=global_pruning,
+            pruning_ratio=ratio,
+            iterative_steps=iterative_steps,
+            max_pruning_ratio=max_pruning_ratio,
+            round_to=round_to,
+        )
+        entries: list[dict[str, object]] = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            while not pruner.done:
+                entries += pruner.step()
+        twin.zero_grad(set_to_none=True)
+        macs, _ = count_macs_params(twin, example)
+        return StockCut(twin, ratio, macs, entries, 0)
+
+    while trials < max_trials:
+        ratio = (lo + hi) / 2
+        cut = trial(ratio)
+        trials += 1
+        gap = abs(cut.macs - target_macs)
+        if best is None or (gap, cut.macs) < (abs(best.macs - target_macs), best.macs):
+            best = cut
+        if gap <= tolerance * base_macs:
+            break
+        if cut.macs > target_macs:
+            lo = ratio
+        else:
+            hi = ratio
+    assert best is not None
+    return StockCut(best.model, best.pruning_ratio, best.macs, best.entries, trials)

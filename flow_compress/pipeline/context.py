@@ -255,9 +255,16 @@ class Context:
             yield batch
 
     def recover(
-        self, model: nn.Module, iters: int, stage: Stage, *, lr: float | None = None
+        self,
+        model: nn.Module,
+        iters: int,
+        stage: Stage,
+        *,
+        lr: float | None = None,
+        on_iter: Callable[[int, float], None] | None = None,
     ) -> int:
-        """Distil from the original model (per ``recovery.distillation``) for ``iters`` steps."""
+        """Distil from the original model (per ``recovery.distillation``) for ``iters`` steps;
+        ``on_iter(step, loss)`` runs after every step (what a recipe changes mid-training)."""
         rc = self.config.recovery
         settings = LoopSettings(
             iters=iters,
@@ -279,6 +286,7 @@ class Context:
                 self.device,
                 teacher=teacher,
                 feature_taps=taps,
+                on_iter=on_iter,
             )
         self.recovery_iters[stage] += n
         return n

@@ -9,34 +9,17 @@ recovery steps each, every method through the library's ``compress``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from bench.quality import METHODS, QUICK, REFERENCE, Model, budget_checks, run_grid
-from flow_compress.arch.models import build_model, save_weights
+from bench.quality import METHODS, PIPELINE, REFERENCE, budget_checks, run_grid
 
-SIZE = 16
-PROTO = replace(
-    QUICK,
-    targets=(0.5,),
-    seeds=(0,),
-    steps=2,
-    iters_per_step=2,
-    trunc_iters=2,
-    final_iters=2,
-    max_layers=1,
-    n_try=2,
-    tau=100.0,  # accept the first candidate block, so stage 2 really spends steps
-    batch_size=16,
-    max_train_samples=256,
-    max_eval_samples=64,
-    calibration_batches=1,
-)
+from .conftest import MODEL, TINY
+
+PROTO = TINY
 # What may differ between methods' configs; everything else must be identical.
 VARYING = (("prune", "criterion"), ("truncate", "enabled"), ("recovery", "final_iters"))
 
@@ -44,27 +27,18 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # tests/conftest.py
-    torch.manual_seed(0)
-    tmp = tmp_path_factory.mktemp("quality")
-    weights = tmp / "resnet18.safetensors"
-    save_weights(build_model("resnet18", 10, in_chans=1, input_size=SIZE), weights)
-    reports = tmp / "reports"
-    runs = run_grid(
-        PROTO,
-        Model("resnet18", "digits", 1, SIZE, "cpu"),
-        weights,
-        list(METHODS),
-        reports_dir=reports,
-    )
+def grid(
+    tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[dict[str, Any]], Path]:
+    reports = tmp_path_factory.mktemp("quality") / "reports"
+    runs = run_grid(PROTO, MODEL, tiny_weights, list(PIPELINE), reports_dir=reports)
     return runs, reports
 
 
 def test_every_method_ran(grid: tuple[list[dict[str, Any]], Path]) -> None:
     runs, _ = grid
     assert runs[0]["method"] == REFERENCE  # the reference runs first
-    assert sorted(r["method"] for r in runs) == sorted(METHODS)
+    assert sorted(r["method"] for r in runs) == sorted(PIPELINE)
     assert all("error" not in r for r in runs), [r.get("error") for r in runs]
 
 
@@ -121,7 +95,7 @@ def test_configs_differ_only_in_criterion_stage2_and_finetune(
         for section, key in VARYING:
             cfg[section].pop(key)
         configs[method] = cfg
-    assert sorted(configs) == sorted(METHODS)
+    assert sorted(configs) == sorted(PIPELINE)
     first = next(iter(configs.values()))
     assert all(c == first for c in configs.values())
 
@@ -130,9 +104,8 @@ def test_summarise_reuses_saved_reports_only_for_the_same_config(
     grid: tuple[list[dict[str, Any]], Path],
 ) -> None:
     runs, reports = grid
-    model = Model("resnet18", "digits", 1, SIZE, "cpu")
     # No weights: nothing may be compressed, every row must come from a saved report.
-    again = run_grid(PROTO, model, None, list(METHODS), reports_dir=reports)
+    again = run_grid(PROTO, MODEL, None, list(PIPELINE), reports_dir=reports)
     strip = ("wall_s",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in again] == [
         {k: v for k, v in r.items() if k not in strip} for r in runs
@@ -140,9 +113,9 @@ def test_summarise_reuses_saved_reports_only_for_the_same_config(
     # A different protocol matches no saved report: listed as not run, not silently reused.
     other = run_grid(
         replace(PROTO, final_iters=PROTO.final_iters + 1),
-        model,
+        MODEL,
         None,
-        list(METHODS),
+        list(PIPELINE),
         reports_dir=reports,
     )
     assert all(r["error"].startswith("not run") for r in other)
