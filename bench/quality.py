@@ -152,9 +152,10 @@ QUICK = Protocol(
     max_drop=100.0,
     ranking=None,
     schedule="decay",
-    # Quick mode's 280-odd steps in ten rounds would zero half of every layer each 28 steps,
-    # too few to recover in between (the paper's rounds are whole ImageNet epochs).
-    sfp_epochs=4,
+    # Quick mode's 260-odd steps in ten rounds would zero half of every layer each 26 steps,
+    # too few to recover in between (the paper's rounds are whole ImageNet epochs); fewer,
+    # longer rounds did better (bench/results/quality-tried/README.md, "SFP's rounds").
+    sfp_epochs=2,
 )
 
 # The library's defaults (PruneConfig / TruncateConfig / RecoveryConfig) on the whole data.

@@ -25,8 +25,8 @@ Recipes (``RECIPES``):
   scheduler — with a distilled recovery of ``iters_per_step`` after each step (Taylor
   gradients recomputed before each) and a final distilled fine-tune with the remaining
   steps. The ratio is chosen by running the K steps back to back on a copy, without training
-  (``prune_to_macs``); training between the steps changes the importances, so the MACs
-  reached are recorded as they are (``macs_ratio``), not forced onto the target.
+  (``prune_to_macs``); training between the steps changes the importances, so the K-th step
+  is a one-shot search on the model as it then is, which lands the MACs on the target.
 - **SFP** (``sfp``): this project's implementation of soft filter pruning (He et al., "Soft
   Filter Pruning for Accelerating Deep Convolutional Neural Networks", IJCAI 2018); see
   ``run_sfp`` for its choices.
@@ -297,12 +297,22 @@ class _Run:
             max_pruning_ratio=self.cfg.prune.max_layer_ratio,
             round_to=self.cfg.prune.round_to,
         )
-        while not pruner.done:
-            if r.importance == "taylor":
-                self._gradients(model)
-            with ctx.timer("surgery"):
-                self.entries += pruner.step()
-            model.zero_grad(set_to_none=True)
+        for k in range(s.prune_steps):
+            if k < s.prune_steps - 1:
+                if r.importance == "taylor":
+                    self._gradients(model)
+                with ctx.timer("surgery"):
+                    self.entries += pruner.step()
+                model.zero_grad(set_to_none=True)
+            else:
+                # The training between steps moved the importances away from the estimate,
+                # so torch-pruning's last scheduled step would land off the MACs the
+                # comparison is at: the last step prunes what is left to the target instead,
+                # with the same importance (a one-shot search on the current model).
+                cut = self._search(model, r.importance, r.global_pruning, 1)
+                self.entries += cut.entries
+                self.details["last_step_ratio"] = cut.pruning_ratio
+                model = cut.model
             ctx.recover(model, s.iters_per_step, Stage.FILTER_PRUNE)
             self.step_macs_ratios.append(self._ratio(model))
         self._finetune(model, final)
