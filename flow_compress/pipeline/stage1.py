@@ -89,6 +89,10 @@ class _Aim:
     reduction_ms: float
     max_count: int | None
 
+    @property
+    def asks_nothing(self) -> bool:
+        return self.reduction <= 0 and self.reduction_ms <= 0
+
     def halve(self) -> None:
         self.reduction /= 2
         self.reduction_ms /= 2
@@ -309,6 +313,10 @@ class FilterPruner:
                 break
             now_ms = ctx.latency_now_ms
             aim = self._aim(model, k, macs, now_ms, schedule)
+            if aim.asks_nothing and k < K - 1:
+                # An earlier step went past this point of the schedule (a measured latency
+                # can fall by more than predicted): the next point asks for more.
+                continue
             model, accepted = self._step(model, k, macs, now_ms, aim)
             if not accepted:
                 ctx.emit(
@@ -353,11 +361,13 @@ class FilterPruner:
             max_count = self._count_for_ratio(model, schedule.ratios[k])
         step_ms = None
         if target_ms is not None and base_ms is not None:
-            # Aim below the target by the noise ``reached_latency`` demands it be cleared
-            # by, else a step could land between the two and leave nothing to cut.
-            aim = target_ms / (1 + max(SPEEDUP_NOISE, ctx.latency_spread / 2))
+            # Aim below the target by the noise ``reached_latency`` demands it be cleared by,
+            # the whole schedule with it (so its last point is that aim, not the target),
+            # else a step could land between the two and leave nothing to cut.
+            margin = 1 + max(SPEEDUP_NOISE, ctx.latency_spread / 2)
+            aim = target_ms / margin
             step_ms = (
-                max(aim, schedule.ms_fractions[k] * base_ms)
+                max(aim, schedule.ms_fractions[k] * base_ms / margin)
                 if schedule.ms_fractions is not None and cfg.schedule == "decay"
                 else aim
             )
