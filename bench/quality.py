@@ -252,6 +252,20 @@ def method_config(raw: dict[str, Any], method: str, extra_final_iters: int) -> A
 # --------------------------------------------------------------------------- one run
 
 
+NOT_RUN = "not run (no saved report with this config)"
+
+
+def error_row(method: str, target: float, seed: int, error: str) -> dict[str, Any]:
+    """The row of a run that failed or was not run: a result of the grid, not a crash."""
+    return {
+        "method": method,
+        "label": METHODS[method].label,
+        "target": target,
+        "seed": seed,
+        "error": error,
+    }
+
+
 def schedule_facts(report: Any) -> dict[str, Any]:
     """How the stage-1 schedule was walked, read from a report: steps attempted (accepted
     steps plus rolled-back attempts), MACs ratio after each accepted step, and stage 2."""
@@ -335,25 +349,13 @@ def run_one(
             return summarise_run(method, target, seed, kept, wall), kept
     if weights is None:  # summarising saved reports only
         log(f"quality: {run_id}: no saved report with this config")
-        return {
-            "method": method,
-            "label": METHODS[method].label,
-            "target": target,
-            "seed": seed,
-            "error": "not run (no saved report with this config)",
-        }, None
+        return error_row(method, target, seed, NOT_RUN), None
     log(f"quality: {run_id} (final fine-tune {cfg.recovery.final_iters} steps)")
     start = time.perf_counter()
     try:
         report = compress(cfg, weights=weights, out_dir=work_dir / run_id, overwrite=True)
     except Exception as exc:
-        row = {
-            "method": method,
-            "label": METHODS[method].label,
-            "target": target,
-            "seed": seed,
-            "error": f"{type(exc).__name__}: {exc}",
-        }
+        row = error_row(method, target, seed, f"{type(exc).__name__}: {exc}")
         log(f"quality: {run_id} failed: {row['error']}")
         return row, None
     row = summarise_run(method, target, seed, report, time.perf_counter() - start)
@@ -545,25 +547,13 @@ def run_recipe_one(
             return row
     if weights is None:
         log(f"quality: {run_id}: no saved record with this config")
-        return {
-            "method": method,
-            "label": METHODS[method].label,
-            "target": target,
-            "seed": seed,
-            "error": "not run (no saved report with this config)",
-        }
+        return error_row(method, target, seed, NOT_RUN)
     log(f"quality: {run_id} ({settings.total_steps} optimisation steps)")
     start = time.perf_counter()
     try:
         result = run_recipe(method, cfg, weights, settings)
     except Exception as exc:
-        row = {
-            "method": method,
-            "label": METHODS[method].label,
-            "target": target,
-            "seed": seed,
-            "error": f"{type(exc).__name__}: {exc}",
-        }
+        row = error_row(method, target, seed, f"{type(exc).__name__}: {exc}")
         log(f"quality: {run_id} failed: {row['error']}")
         return row
     row = recipe_row(method, target, seed, result, time.perf_counter() - start)
