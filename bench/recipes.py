@@ -280,25 +280,27 @@ class _Run:
                 f"{s.prune_steps} steps × {s.iters_per_step} recovery steps exceed the budget "
                 f"of {s.total_steps}"
             )
-        estimate = self._search(model, r.importance, r.global_pruning, s.prune_steps)
-        self.details.update(
-            pruning_ratio=estimate.pruning_ratio,
-            search_trials=estimate.trials,
-            estimated_macs_ratio=round(estimate.macs / ctx.base_macs, 4),
-        )
-        del estimate  # only its ratio is used: the real steps train in between
-        graph = PruningGraph(model, ctx.example, ignored=[model.get_submodule(self.head)])
-        pruner = StockPruner(
-            graph,
-            r.importance,
-            global_pruning=r.global_pruning,
-            pruning_ratio=self.details["pruning_ratio"],
-            iterative_steps=s.prune_steps,
-            max_pruning_ratio=self.cfg.prune.max_layer_ratio,
-            round_to=self.cfg.prune.round_to,
-        )
+        pruner = None
+        if s.prune_steps > 1:  # one step is the last step alone: nothing to estimate
+            estimate = self._search(model, r.importance, r.global_pruning, s.prune_steps)
+            self.details.update(
+                pruning_ratio=estimate.pruning_ratio,
+                search_trials=estimate.trials,
+                estimated_macs_ratio=round(estimate.macs / ctx.base_macs, 4),
+            )
+            del estimate  # only its ratio is used: the real steps train in between
+            graph = PruningGraph(model, ctx.example, ignored=[model.get_submodule(self.head)])
+            pruner = StockPruner(
+                graph,
+                r.importance,
+                global_pruning=r.global_pruning,
+                pruning_ratio=self.details["pruning_ratio"],
+                iterative_steps=s.prune_steps,
+                max_pruning_ratio=self.cfg.prune.max_layer_ratio,
+                round_to=self.cfg.prune.round_to,
+            )
         for k in range(s.prune_steps):
-            if k < s.prune_steps - 1:
+            if pruner is not None and k < s.prune_steps - 1:
                 if r.importance == "taylor":
                     self._gradients(model)
                 with ctx.timer("surgery"):

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import redis
 from celery import bootsteps
 
 from flow_compress.arch.catalogue import Catalogue, installation_fingerprint
+from flow_compress.artifacts import atomic_write_text
 from worker.broker import redis_client
 from worker.process import AFTER_POOL, die_with_parent
 
@@ -120,17 +120,8 @@ def cached_or_built(
 
 
 def _keep(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: workers starting together never read a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".catalogue-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Atomic: workers starting together never read a half-written file.
+    atomic_write_text(path, text)
     ages: dict[Path, float] = {}
     for kept in path.parent.glob("catalogue-*.json"):
         with contextlib.suppress(OSError):  # another worker's clean-up got there first

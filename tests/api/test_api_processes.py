@@ -23,24 +23,15 @@ from fastapi.testclient import TestClient
 
 from tests.api.test_metrics import CONFIG, parse, value
 from tests.api.test_service_e2e import REPO, _clean_env, _free_port
+from tests.worker.support import children, stop
 
 BOOT_TIMEOUT_S = 90
 POLLS = 40
 
 
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return kids
-
-
 def _api_processes(pid: int) -> list[int]:
     found = []
-    for kid in _children(pid):
+    for kid in children(pid):
         try:
             if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
                 found.append(kid)
@@ -71,13 +62,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
             time.sleep(0.3)
         yield proc, url, storage
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc, grace_s=60)
 
 
 def _ready(url: str) -> bool:
@@ -118,7 +103,7 @@ def test_two_api_processes_share_the_store_and_the_metrics(
         # One process's own figures would pass for the service's: left out.
         assert not any(name.startswith("flow_compress_process_") for name in m)
 
-    redis_kids = [k for k in _children(proc.pid) if k not in api]
+    redis_kids = [k for k in children(proc.pid) if k not in api]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     for pid in api + redis_kids:
@@ -150,7 +135,7 @@ def test_kill_9_of_serve_takes_its_api_processes_along(
     served: tuple[subprocess.Popen[bytes], str, Path],
 ) -> None:
     proc, _, _ = served
-    family = _children(proc.pid)
+    family = children(proc.pid)
     assert len(family) >= 3, family  # two API processes and the embedded Redis
     proc.kill()
     proc.wait(timeout=10)
