@@ -111,3 +111,39 @@ def test_describe_device_and_environment() -> None:
     assert platform.release() not in str(env)  # the kernel version stays on the host
     assert env["torch_pruning"][0].isdigit()
     assert env["device"] == label
+
+
+def test_timing_sessions_do_not_spin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timings hold several ONNX Runtime sessions in one process and run them alternately;
+    a session whose threads keep spinning after its run takes the cores from the next one
+    (on 2 cores, two spinning ResNet-50 sessions run alternately took ~1.7x their time
+    alone). So every timing engine, and every layer the cost model times, is built with
+    non-spinning threads."""
+    import onnxruntime as ort
+
+    from flow_compress.config import DeploymentConfig
+    from flow_compress.export import onnx as onnx_export
+    from flow_compress.graph.latency_cost import LayerShape, time_layer
+
+    made: list[ort.InferenceSession] = []
+    real = onnx_export.session
+
+    def recording(*args, **kwargs):
+        sess = real(*args, **kwargs)
+        made.append(sess)
+        return sess
+
+    monkeypatch.setattr(onnx_export, "session", recording)
+    model = build_model("resnet18", num_classes=3, in_chans=1, input_size=16)
+    engine = onnx_export.engine(model, (1, 16, 16), torch.device("cpu"), tmp_path, "m", 1)
+    engine.runner(1)()
+    dep = DeploymentConfig(runtime="onnxruntime", device="cpu", batch_size=1, threads=1)
+    time_layer(LayerShape("conv", 4, 8, spatial=(8, 8)), dep)
+    assert len(made) == 2
+    for sess in made:
+        options = sess.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # Sessions made for other purposes (parity, accuracy) keep ONNX Runtime's default.
+    default = real(tmp_path / "m.onnx").get_session_options()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="allow_spinning"):
+        default.get_session_config_entry("session.intra_op.allow_spinning")
