@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -406,12 +407,30 @@ class LatencyTable:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One member layer's share of a group's curve: its milliseconds at the curve's widths,
+    with the other layer dimensions as they were when the curve was built. ``role`` is the
+    dimension the group's width sets ("out", "in" or "both")."""
+
+    layer: str
+    role: str
+    ms: tuple[float, ...]
+
+
+class Member(NamedTuple):
+    shape: LayerShape
+    role: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Curve:
     """Predicted milliseconds of a group's layers at each candidate width (ascending), with
     the widths that are fast (no wider candidate measured as fast)."""
 
     widths: tuple[int, ...]
     ms: tuple[float, ...]
+    parts: tuple[Part, ...] = ()
 
     def at(self, width: int) -> float:
         return float(np.interp(width, self.widths, self.ms))
@@ -432,7 +451,7 @@ def member_layers(
     producers: Iterable[tuple[str, nn.Module]],
     consumers: Iterable[tuple[str, nn.Module]],
     in_shapes: dict[str, tuple[int, ...]],
-) -> list[tuple[LayerShape, str]]:
+) -> list[Member]:
     """The layers a group's width changes, each once, with the role the width plays in it
     ("out", "in", or "both" for a layer on both sides)."""
     roles: dict[str, tuple[nn.Module, set[str]]] = {}
@@ -445,23 +464,28 @@ def member_layers(
         shape = layer_shape(module, shape_in) if shape_in is not None else None
         if shape is None:
             continue
-        out.append((shape, "both" if len(rs) == 2 else next(iter(rs))))
+        out.append(Member(shape, "both" if len(rs) == 2 else next(iter(rs)), name))
     return out
 
 
-def group_curve(
-    layers: list[tuple[LayerShape, str]], width: int, keep_min: int, table: LatencyTable
-) -> Curve:
-    """The group's summed layer times at every width of ``width_grid(width, keep_min)``."""
+def group_curve(layers: list[Member], width: int, keep_min: int, table: LatencyTable) -> Curve:
+    """The group's summed layer times at every width of ``width_grid(width, keep_min)``,
+    with each layer's own share (``Curve.parts``)."""
     widths = width_grid(width, keep_min)
-    totals = [sum(table.ms(s.with_width(role, w)) for s, role in layers) for w in widths]
-    return Curve(tuple(widths), tuple(totals))
+    parts = tuple(
+        Part(m.name, m.role, tuple(table.ms(m.shape.with_width(m.role, w)) for w in widths))
+        for m in layers
+    )
+    totals = [sum(p.ms[i] for p in parts) for i in range(len(widths))]
+    return Curve(tuple(widths), tuple(totals), parts)
 
 
 __all__ = [
     "Curve",
     "LatencyTable",
     "LayerShape",
+    "Member",
+    "Part",
     "grid_step",
     "group_curve",
     "layer_shape",
