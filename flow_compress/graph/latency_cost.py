@@ -468,6 +468,20 @@ def member_layers(
     return out
 
 
+def layers_ms(
+    model: nn.Module, in_shapes: dict[str, tuple[int, ...]], table: LatencyTable
+) -> float:
+    """The summed table time of every conv and linear layer of ``model`` on the input shapes
+    it gets (``in_shapes``: a pruning graph's shape pass)."""
+    total = 0.0
+    for name, module in model.named_modules():
+        shape = in_shapes.get(name)
+        ls = layer_shape(module, shape) if shape is not None else None
+        if ls is not None:
+            total += table.ms(ls)
+    return total
+
+
 def group_curve(layers: list[Member], width: int, keep_min: int, table: LatencyTable) -> Curve:
     """The group's summed layer times at every width of ``width_grid(width, keep_min)``,
     with each layer's own share (``Curve.parts``)."""
@@ -489,6 +503,7 @@ __all__ = [
     "grid_step",
     "group_curve",
     "layer_shape",
+    "layers_ms",
     "member_layers",
     "time_layer",
     "width_grid",

@@ -42,7 +42,7 @@ from flow_compress.arch.surgery import classifier_path
 from flow_compress.criteria import ScoreRequest, get_criterion
 from flow_compress.errors import UnsupportedModelError
 from flow_compress.graph import PrunableGroup, PruningGraph
-from flow_compress.graph.latency_cost import group_curve, layer_shape, member_layers
+from flow_compress.graph.latency_cost import group_curve, layers_ms, member_layers
 from flow_compress.pipeline.context import Context
 from flow_compress.pipeline.latency_selection import Option, select_by_latency
 from flow_compress.schema import SPEEDUP_NOISE, Stage
@@ -224,12 +224,7 @@ class FilterPruner:
         groups = graph.groups()
         scores = self.scores(model, graph, groups)
         with ctx.timer("cost_model"):
-            layer_sum = 0.0
-            for name, module in model.named_modules():
-                shape = graph.in_shapes.get(name)
-                ls = layer_shape(module, shape) if shape is not None else None
-                if ls is not None:
-                    layer_sum += table.ms(ls)
+            layer_sum = layers_ms(model, graph.in_shapes, table)
             # Milliseconds of the whole model per millisecond of its layers.
             scale = now / layer_sum if layer_sum > 0 else 1.0
             options = []

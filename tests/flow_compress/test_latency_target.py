@@ -24,6 +24,7 @@ from flow_compress.graph.latency_cost import (
     LayerShape,
     group_curve,
     layer_shape,
+    layers_ms,
     member_layers,
     time_layer,
     width_grid,
@@ -262,14 +263,7 @@ def test_a_macs_target_with_a_deployment_times_every_step(
 
 def _layer_sum(model: torch.nn.Module, table: LatencyTable) -> float:
     x = torch.randn(1, 1, SIZE, SIZE)
-    graph = PruningGraph(model, x, ignored=[model.fc])
-    total = 0.0
-    for name, module in model.named_modules():
-        shape = graph.in_shapes.get(name)
-        ls = layer_shape(module, shape) if shape is not None else None
-        if ls is not None:
-            total += table.ms(ls)
-    return total
+    return layers_ms(model, PruningGraph(model, x, ignored=[model.fc]).in_shapes, table)
 
 
 def test_the_predicted_saving_holds_when_groups_sharing_a_layer_are_cut_together() -> None:
