@@ -29,6 +29,7 @@ class ErrorCode(str, Enum):
     QUANTIZATION_FAILED = "quantization_failed"
     QUANTIZATION_PARITY_FAILED = "quantization_parity_failed"
     DEPLOYMENT_UNAVAILABLE = "deployment_unavailable"
+    INVALID_FID_INPUT = "invalid_fid_input"
     CANCELLED = "cancelled"
     # Raised around the library, by the worker that runs a job (``worker.errors.classify``).
     TIMEOUT = "timeout"
@@ -138,6 +139,14 @@ class DeploymentUnavailableError(FlowCompressError):
     code = ErrorCode.DEPLOYMENT_UNAVAILABLE
 
 
+class FidInputError(FlowCompressError):
+    """FID cannot be computed from what was given: images that are not N×C×H×W in [0, 1]
+    with 1 or 3 channels, feature statistics of different dimensions or extractors or of
+    fewer than two samples, or a statistics file that is not one (``flow_compress.measure.fid``)."""
+
+    code = ErrorCode.INVALID_FID_INPUT
+
+
 class CancelledError(FlowCompressError):
     """The caller's cancel check asked the pipeline to stop between steps."""
 
@@ -153,6 +162,7 @@ __all__ = [
     "ErrorCode",
     "ExportError",
     "ExportParityError",
+    "FidInputError",
     "FlowCompressError",
     "GuaranteeExceededError",
     "InvalidConfigError",
