@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flow_compress.arch.models import align_keys, check_state_dict, read_state_dict
+from flow_compress.arch.models import align_keys, check_state_dict, load_weights, read_state_dict
 from flow_compress.artifacts import atomic_write_bytes
 from flow_compress.errors import (
     FidInputError,
@@ -278,11 +278,7 @@ def save_fmnist_cnn(net: FmnistCnn, path: Path | str) -> None:
 def load_fmnist_cnn(path: Path | str) -> FmnistCnn:
     """An ``FmnistCnn`` with the weights of ``path`` (safetensors or a weights-only state
     dict); a missing or unfitting file → ``BadCheckpointError``."""
-    net = FmnistCnn()
-    state = align_keys(net, read_state_dict(path))
-    check_state_dict(net, state)
-    net.load_state_dict(state, strict=True)
-    return net.eval()
+    return load_weights(FmnistCnn(), path).eval()
 
 
 def load_feature_extractor(name: str, weights: Path | str | None) -> FeatureExtractor:
