@@ -3,7 +3,8 @@
 Steps, each timed and each a pass/fail with the reason of a failure:
 
 1. ``build``: random init, 10 classes, 3 input channels, at the smallest input size the model
-   accepts from ``SIZES`` (a model that does not build or run on the CPU is *skipped*);
+   accepts from ``SIZES``, else at its native size (timm's pretrained config); a model that
+   does not build or run on the CPU is *skipped*;
 2. ``export_unpruned``: TorchScript and ONNX export of the unpruned model with parity
    (``flow_compress.export.parity.export_model``); a model that fails here is *skipped* too —
    the goal is stated over the architectures that build and export unpruned;
@@ -100,10 +101,27 @@ def build(source: str, name: str, size: int) -> nn.Module:
     return adapt_in_chans(model, 3).eval()
 
 
+def _native_size(source: str, name: str) -> int | None:
+    """The input size a timm architecture was defined for (its pretrained config), or None."""
+    if source != "timm":
+        return None
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # no config registered under that name
+        return None
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    return int(size[-1]) if size else None
+
+
 def build_at_smallest(source: str, name: str) -> tuple[nn.Module, int]:
-    """The model and the smallest size of ``SIZES`` at which it runs one forward pass."""
+    """The model and the smallest size of ``SIZES`` at which it runs one forward pass, else
+    its native size: CrossViT's two branches (patches of 12 and 16 px over a 240/224 px
+    pair) only fit at sizes divisible by both patch sizes, none of which ``SIZES`` holds."""
     last: BaseException | None = None
-    for size in SIZES:
+    native = _native_size(source, name)
+    for size in (*SIZES, *([native] if native and native not in SIZES else [])):
         try:
             model = build(source, name, size)
             with torch.no_grad():

@@ -59,6 +59,8 @@ SAMPLE: tuple[str, ...] = (
     "torchvision:regnet_y_400mf",  # torchvision RegNet
     "torchvision:squeezenet1_1",  # torchvision classifier not in the paper (concat)
     "torchvision:shufflenet_v2_x0_5",  # channel shuffle
+    "timm:eva02_tiny_patch14_224",  # EVA-02: fused SwiGLU (GluMlp), RoPE attention
+    "timm:coat_tiny",  # CoaT: class-token concats, factorised conv-attention, parallel blocks
 )
 
 

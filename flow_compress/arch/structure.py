@@ -17,6 +17,27 @@ everything they leave:
   shuffle; DepGraph cannot map indices through it (torch-pruning 1.6 raises
   ``ZeroDivisionError``), so the graph adapter treats it as an opaque block and prunes only
   the widths internal to its children.
+- **attention of no known layout** (``computes_attention``): a module whose own code takes
+  a softmax and a matrix product (or calls ``scaled_dot_product_attention``) computes
+  attention over heads it reshapes itself (CoaT's ``FactorAttnConvRelPosEnc``, whose
+  ``ConvRelPosEnc`` also splits the value channels into head groups convolved with
+  different kernels). DepGraph would map channel indices through those reshapes and splits
+  and cut across heads, so the graph adapter leaves such a module alone, whatever its name.
+- **token concatenations** (``token_concats``): a module whose own code concatenates
+  B×N×C token tensors along axis 1 (CoaT's class token re-inserted after a convolution over
+  the image tokens, ``torch.cat((x[:, :1], tokens), dim=1)``). torch-pruning reads axis 1
+  as channels: it maps channel indices through such a concatenation (wrong) or, when it
+  cannot size a sliced operand, fails the whole trace (torch-pruning 1.6:
+  ``TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'``). Read at run time
+  (such modules take arguments fx cannot trace, e.g. a ``size`` tuple that is unpacked); the
+  graph adapter makes them opaque blocks and prunes only the widths inside their children.
+- **fused gates** (``fused_gates``): a conv/linear child whose output a module's own code
+  chunks into two halves that are multiplied together (``a, b = fc1(x).chunk(2)`` then
+  ``act(a) * b``: timm's ``GluMlp``/``SwiGLUPacked``, any GLU written that way) holds two
+  rows per hidden unit, ``i`` and ``i + half``. DepGraph maps the two halves to different
+  root indices, so the graph adapter numbers such a group by hidden unit and removes both
+  rows of each. (A GLU with two separate layers, timm's ``SwiGLU`` ``fc1_g``/``fc1_x``, needs
+  no rule: the product couples the two layers' channels one to one.)
 - **layer scale** (``scale_dim``, read by ``graph.support.declared_parameters``): a
   free-standing parameter of a non-standard module with exactly one non-unit axis (``(C,)``,
   ``(C, 1, 1)``, ``(1, 1, C)``) and not named like a token or an embedding is a per-channel
@@ -39,6 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
@@ -271,6 +293,179 @@ def shuffles(model: nn.Module, skip: tuple[str, ...] = ()) -> Iterator[str]:
             yield path
 
 
+_MUL_FUNCTIONS = (operator.mul, torch.mul)
+_GATE_METHODS = ("sigmoid", "tanh")
+_GATE_FUNCTIONS = (torch.sigmoid, torch.tanh, F.sigmoid, F.tanh)
+
+
+def _elementwise(module: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node`` maps each element on its own (an activation, a sigmoid or tanh gate,
+    an identity-like child): a hidden unit stays the same unit through it."""
+    if _is_activation(module, node):
+        return True
+    if (node.op == "call_method" and node.target in _GATE_METHODS) or (
+        node.op == "call_function" and node.target in _GATE_FUNCTIONS
+    ):
+        return True
+    child = _target(module, node)
+    return child is not None and isinstance(child, (*_identity_types(), nn.Sigmoid, nn.Tanh))
+
+
+def _half_of(module: nn.Module, node: fx.Node, chunk: fx.Node) -> int | None:
+    """Which half of ``chunk`` ``node`` is (``chunk[i]``, possibly through elementwise
+    nodes), or None."""
+    for _ in range(8):
+        if node.op == "call_function" and node.target is operator.getitem:
+            src, index = node.args[0], node.args[1]
+            return int(index) if src is chunk and isinstance(index, int) else None
+        if not _elementwise(module, node) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _users_through(module: nn.Module, node: fx.Node, depth: int = 0) -> set[fx.Node]:
+    """``node``'s users, and theirs through elementwise nodes (where the product may be)."""
+    out: set[fx.Node] = set()
+    for u in node.users:
+        out.add(u)
+        if depth < 4 and _elementwise(module, u):
+            out |= _users_through(module, u, depth + 1)
+    return out
+
+
+def _is_halving_chunk(node: fx.Node, layer: nn.Module) -> bool:
+    """``chunk(2)`` along the layer's channel axis (-1 for a linear, 1 for a conv map)."""
+    is_chunk = (node.op == "call_method" and node.target == "chunk") or (
+        node.op == "call_function" and node.target is torch.chunk
+    )
+    chunks = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    axes = (1, -3) if isinstance(layer, nn.Conv2d) else (-1,)
+    return is_chunk and chunks == 2 and dim in axes
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "mul"
+    )
+
+
+def fused_gates(model: nn.Module) -> Iterator[str]:
+    """Paths of conv/linear layers whose output their parent's own code splits into two halves
+    (``chunk(2)``) that are multiplied together: a fused gated linear unit, whose hidden unit
+    ``i`` is output rows ``i`` and ``i + half`` of the layer."""
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+            continue
+        if not any(isinstance(c, nn.Conv2d | nn.Linear) for c in m.children()):
+            continue
+        graph = shallow_graph(m)
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            layer = _target(m, node)
+            if not isinstance(layer, nn.Conv2d | nn.Linear) or len(node.users) != 1:
+                continue
+            (chunk,) = node.users
+            if not _is_halving_chunk(chunk, layer) or chunk.args[0] is not node:
+                continue
+            products = {u for half in chunk.users for u in _users_through(m, half) if _is_mul(u)}
+            if any(
+                {_half_of(m, a, chunk) for a in p.args[:2] if isinstance(a, fx.Node)} == {0, 1}
+                for p in products
+            ):
+                yield f"{path}.{node.target}" if path else str(node.target)
+
+
+_SOFTMAX = (torch.softmax, F.softmax)
+_MATMUL = (operator.matmul, torch.matmul, torch.bmm, torch.einsum)
+
+
+def computes_attention(module: nn.Module) -> bool:
+    """Whether ``module``'s own traced code computes attention: a softmax and a matrix
+    product, or ``F.scaled_dot_product_attention``."""
+    if isinstance(module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+        return False
+    graph = shallow_graph(module)
+    if graph is None:
+        return False
+    softmax = matmul = False
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            return True
+        softmax |= (node.op == "call_method" and node.target == "softmax") or (
+            node.op == "call_function" and node.target in _SOFTMAX
+        )
+        matmul |= (node.op == "call_method" and node.target in ("matmul", "bmm")) or (
+            node.op == "call_function" and node.target in _MATMUL
+        )
+    return softmax and matmul
+
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class _CatRecorder(TorchFunctionMode):
+    """Records the innermost running module of every token-axis concatenation."""
+
+    def __init__(self, stack: list[str], found: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.found = found
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _CATS and self.stack:
+            tensors = args[0] if args else kwargs.get("tensors", ())
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if (
+                len(tensors) > 1
+                and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in tensors)
+                and dim in (1, -2)
+                and self.stack[-1] not in self.found
+            ):
+                self.found.append(self.stack[-1])
+        return func(*args, **kwargs)
+
+
+def token_concats(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...] = ()) -> list[str]:
+    """Paths of modules (not the model itself, not under ``skip``) whose own code, run on
+    ``example``, concatenates 3-D token tensors (B×N×C) along the token axis. Empty when the
+    model does not run on ``example`` (the graph adapter reports that failure itself)."""
+    stack: list[str] = []
+    found: list[str] = []
+    handles = []
+
+    def enter(path: str) -> Any:
+        def fn(_m: nn.Module, _args: Any) -> None:
+            stack.append(path)
+
+        return fn
+
+    def leave(_m: nn.Module, _args: Any, _out: Any) -> None:
+        stack.pop()
+
+    for path, m in model.named_modules():
+        if path and not any(path == s or path.startswith(s + ".") for s in skip):
+            handles.append(m.register_forward_pre_hook(enter(path)))
+            handles.append(m.register_forward_hook(leave, always_call=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _CatRecorder(stack, found):
+            model(example[:1])
+    except Exception:  # a model that does not run is reported where its graph is built
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
 def scale_dim(name: str, p: torch.Tensor) -> int | None:
     """The channel axis of a layer-scale-like parameter (exactly one non-unit axis, at most
     four axes, not named like a token or an embedding), or None."""
@@ -281,9 +476,12 @@ def scale_dim(name: str, p: torch.Tensor) -> int | None:
 
 
 __all__ = [
+    "computes_attention",
+    "fused_gates",
     "has_channel_shuffle",
     "residual_form",
     "scale_dim",
     "shallow_graph",
     "shuffles",
+    "token_concats",
 ]

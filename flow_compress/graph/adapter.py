@@ -26,6 +26,10 @@ Architecture handling comes from the families' declarations (``flow_compress.arc
 - Modules no family declares are read from structure (``graph.support.opaque_modules``):
   channel shuffles become opaque blocks whose children are scopes, attention layers of an
   unknown layout and leaf layers without a pruning rule become opaque nodes.
+- A fused gated linear unit (``arch.structure.fused_gates``: a layer whose output is chunked
+  in two halves that are multiplied, timm's ``GluMlp``) is a group numbered by hidden unit:
+  unit ``i`` is the layer's rows ``i`` and ``i + half`` and the consumer's column ``i``, both
+  rows removed together (DepGraph alone numbers them as two unrelated root channels).
 - Groups that reach the model's (or a scope's) output, an ignored layer (the classifier), a
   free-standing parameter that is not a layer scale, a grouped convolution, or a narrower
   layer (slicing) are left out. ``PruningGraph.ignored`` lists every layer left alone with the
@@ -50,6 +54,7 @@ from torch import nn
 from torch_pruning.utils import op_counter
 
 from flow_compress.arch import Activation, activations, attention
+from flow_compress.arch.structure import fused_gates
 from flow_compress.errors import UnsupportedModelError
 from flow_compress.graph.support import declared_parameters, opaque_modules
 
@@ -195,17 +200,23 @@ class _Graph:
 
 class _Cut(torch.autograd.Function):
     """Identity on an opaque module's output whose autograd node links only to the module's
-    input: DepGraph traces autograd nodes, and without the cut it would walk into the
+    tensor inputs: DepGraph traces autograd nodes, and without the cut it would walk into the
     module's internals (the shuffle's reshapes, the heads' reshapes) as if they were free
-    operations of the surrounding graph."""
+    operations of the surrounding graph. Every input is linked, so that the producers of a
+    block taking several streams (CoaT's parallel block) stay in the traced graph."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.n_inputs = len(inputs)
         return out.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
-        return None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
+        return (None,) * (1 + ctx.n_inputs)
+
+
+def _cut(inputs: list[torch.Tensor], out: Any) -> Any:
+    return _Cut.apply(out.detach(), *inputs) if isinstance(out, torch.Tensor) else out
 
 
 def _width(module: object, out: bool) -> int | None:
@@ -222,10 +233,12 @@ def _within(path: str, root: str) -> bool:
 
 
 def _cut_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    x = args[0] if args else next(iter(kwargs.values()))
+    inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     if isinstance(out, tuple):
-        return (_Cut.apply(x, out[0].detach()), *out[1:])
-    return _Cut.apply(x, out.detach())
+        # Every output: a block returning several streams (CoaT's parallel block) would
+        # otherwise let DepGraph trace into it through all but the first.
+        return tuple(_cut(inputs, o) for o in out)
+    return _cut(inputs, out)
 
 
 def _end_hook(_m: nn.Module, _args: object, out: Any) -> Any:
@@ -299,7 +312,7 @@ class PruningGraph:
         self.example = example[:1]
         self.ignored_layers = list(ignored)
         self.names = {m: n for n, m in model.named_modules()}
-        self.opaque_info = opaque_modules(model)
+        self.opaque_info = opaque_modules(model, self.example)
         self.opaque: dict[int, str] = {id(model.get_submodule(p)): p for p in self.opaque_info}
         inside = tuple(self.opaque_info)
         # Parameters inside an opaque module are never DepGraph's business.
@@ -309,6 +322,7 @@ class PruningGraph:
             if not any(_within(self._owner(model, p), o) for o in inside)
         ]
         self._declared_ids = {id(p) for p, _ in self.declared}
+        self.fused = set(fused_gates(model))
         self.attention: dict[str, nn.Module] = {
             p: model.get_submodule(p)
             for p in self.opaque_info
@@ -400,6 +414,10 @@ class PruningGraph:
                     continue  # inside a module already listed, and no group of its own
                 if path not in self._reasons and any(_within(path, h) for h in heads):
                     reason = "inside an attention layer: pruned by whole heads, not channels"
+                elif path not in self._reasons and m not in self._graph_of:
+                    # Registered outside but called only from a module left alone (CoaT's
+                    # shared ConvRelPosEnc runs inside its attention layers).
+                    reason = "not traced: it runs only inside a module left alone"
                 else:
                     reason = self._reasons.get(path, "no prunable group has its output channels")
                 out.append(LeftAlone(path, type(m).__name__, reason))
@@ -478,14 +496,23 @@ class PruningGraph:
 
     # ------------------------------------------------------------------ groups
 
-    def _excluded(self, graph: _Graph, group: tp.Group) -> bool:
-        return self._why_excluded(graph, group) is not None
+    def _half(self, root: nn.Module) -> int | None:
+        """Half the output width of a fused gate's layer (its hidden units), else None."""
+        if self.names.get(root) not in self.fused:
+            return None
+        width = _width(root, True)
+        return width // 2 if width else None
 
-    def _why_excluded(self, graph: _Graph, group: tp.Group) -> str | None:
+    def _excluded(self, graph: _Graph, group: tp.Group, units: int | None = None) -> bool:
+        return self._why_excluded(graph, group, units) is not None
+
+    def _why_excluded(self, graph: _Graph, group: tp.Group, units: int | None = None) -> str | None:
         """Why a group cannot be pruned, or None: it reaches an opaque module, an undeclared
         free parameter, the model's (or a scope's) output, a grouped convolution (channels
-        would have to go per group), or a depthwise conv fed by a scope's input."""
-        size = len(group[0].idxs)
+        would have to go per group), or a depthwise conv fed by a scope's input. ``units``:
+        how many units the group removes when that is not its root's index count (a fused
+        gate removes two root rows per unit)."""
+        size = units if units is not None else len(group[0].idxs)
         for item in group.items:
             target = item.dep.target.module
             width = _width(target, graph.dg.is_out_channel_pruning_fn(item.dep.handler))
@@ -543,7 +570,7 @@ class PruningGraph:
             for g in graph.dg.get_all_groups(
                 ignored_layers=self.ignored_layers, root_module_types=(nn.Conv2d, nn.Linear)
             ):
-                why = self._why_excluded(graph, g)
+                why = self._why_excluded(graph, g, self._half(g[0].dep.target.module))
                 if why is not None:
                     self._note(graph, g, why)
                     continue
@@ -562,7 +589,8 @@ class PruningGraph:
     def _channel_group(self, g: tp.Group) -> PrunableGroup | None:
         root = g[0].dep.target.module
         name = self.names[root]
-        size = len(g[0].idxs)
+        half = self._half(root)
+        size = half if half is not None else len(g[0].idxs)
         pg = PrunableGroup(root_name=name, size=size, _group=g)
         cost = torch.zeros(size, dtype=torch.float64)
         dg = self._graph_of[root].dg
@@ -574,7 +602,10 @@ class PruningGraph:
             mname = self.names.get(module)
             if mname is None or mname not in self.out_shapes:
                 continue
-            member = Member(mname, module, list(item.idxs), list(item.root_idxs))
+            roots = list(item.root_idxs)
+            if half is not None:
+                roots = [r % half for r in roots]  # both rows of a hidden unit are that unit
+            member = Member(mname, module, list(item.idxs), roots)
             is_out = dg.is_out_channel_pruning_fn(dep.handler)
             (pg.producers if is_out else pg.consumers).append(member)
             unit = self._unit_cost(module, mname, is_out)
@@ -647,8 +678,12 @@ class PruningGraph:
         if graph is None:
             raise UnsupportedModelError(f"{root_name} is not in the dependency graph")
         pruner = graph.dg.get_pruner_of_module(root)
+        units = len(idxs)
+        half = self._half(root)
+        if half is not None:
+            idxs = idxs + [i + half for i in idxs]
         g = graph.dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
-        if self._excluded(graph, g):
+        if self._excluded(graph, g, units if half is not None else None):
             raise UnsupportedModelError(
                 f"channels of {root_name} are coupled to a layer that cannot be pruned"
             )
@@ -690,7 +725,10 @@ class PruningGraph:
         scores = imp(group._group)
         if scores is None:
             return torch.zeros(group.size)
-        return scores.detach().float().cpu()
+        scores = scores.detach().float().cpu()
+        if len(scores) == 2 * group.size:  # a fused gate: a unit's two rows together
+            scores = scores[: group.size] + scores[group.size :]
+        return scores
 
     @torch.no_grad()
     def zero_units(
@@ -717,6 +755,9 @@ class PruningGraph:
             raise ValueError(f"zero_units zeroes channel groups, not {group.unit}s")
         chosen = {int(i) for i in root_idxs}
         root = self.model.get_submodule(group.root_name)
+        half = self._half(root)
+        if half is not None:
+            chosen |= {i + half for i in chosen}
         dg = self._graph_of[root].dg
         dims = {id(p): d for p, d in self.declared}
         for item in group._group.items:  # type: ignore[attr-defined]

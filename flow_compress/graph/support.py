@@ -15,13 +15,15 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from flow_compress.arch import OpaqueBlock, layer_scales, opaque_blocks
 from flow_compress.arch.attention import is_attention, layout_of
-from flow_compress.arch.structure import scale_dim, shuffles
+from flow_compress.arch.structure import computes_attention, scale_dim, shuffles, token_concats
 
 # Leaf layers holding parameters that stage 1 can score and slice (norms follow their conv or
 # linear producer). Anything else with its own parameters must be declared by a family.
@@ -93,10 +95,38 @@ def _has_weights(m: nn.Module) -> bool:
 
 
 def _unknown_attention(m: nn.Module) -> bool:
-    return "attention" in type(m).__name__.lower() and any(True for _ in m.parameters())
+    if not any(True for _ in m.parameters()):
+        return False
+    return "attention" in type(m).__name__.lower() or computes_attention(m)
 
 
-def opaque_modules(model: nn.Module) -> dict[str, Opaque]:
+def _one_argument(m: nn.Module) -> bool:
+    """Whether ``m`` can be called with its input tensor alone (a scope is traced that way)."""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[1:]
+    )
+
+
+def _scopes(model: nn.Module, path: str, inside: tuple[str, ...]) -> tuple[str, ...]:
+    """Children of ``path`` that hold a conv or linear layer, are not opaque themselves and
+    take their input tensor alone (CoaT's attention also takes the token grid's size)."""
+    m = model.get_submodule(path)
+    # A leaf is no scope: its only width is the scope's output, which is never pruned.
+    return tuple(
+        n
+        for n, c in m.named_children()
+        if _has_weights(c)
+        and next(c.children(), None) is not None
+        and _one_argument(c)
+        and not any(p == f"{path}.{n}" or p.startswith(f"{path}.{n}.") for p in inside)
+    )
+
+
+def opaque_modules(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, Opaque]:
     """Every module DepGraph must see as one node, by path, with the reason recorded:
 
     - attention layers of a registered layout (their heads are separate units) and of an
@@ -106,7 +136,9 @@ def opaque_modules(model: nn.Module) -> dict[str, Opaque]:
       that holds a conv or linear layer as a scope (the widths inside it never cross the
       shuffle);
     - leaf layers with parameters of a type stage 1 cannot slice (recurrent, 1-D/3-D or
-      transposed convolutions, embeddings, unknown norms), other than declared layer scales.
+      transposed convolutions, embeddings, unknown norms), other than declared layer scales;
+    - with ``example``, modules whose own code concatenates tokens along axis 1
+      (``arch.structure.token_concats``), with their weight-holding children as scopes.
 
     Instances of a type made opaque are all opaque (DepGraph dispatches on the type)."""
     declared = {id(p) for p, _ in declared_parameters(model)}
@@ -137,15 +169,21 @@ def opaque_modules(model: nn.Module) -> dict[str, Opaque]:
     inside = tuple(out)
     for path in shuffles(model, skip=inside):
         m = model.get_submodule(path)
-        scopes = tuple(
-            n
-            for n, c in m.named_children()
-            if _has_weights(c)
-            and not any(p == f"{path}.{n}" or p.startswith(f"{path}.{n}.") for p in inside)
-        )
         first = next((c for c in m.modules() if isinstance(c, nn.Conv2d | nn.Linear)), None)
         dim = -1 if isinstance(first, nn.Linear) else None
-        out[path] = Opaque(path, "channel shuffle (reshape, axis swap, reshape)", scopes, dim)
+        out[path] = Opaque(
+            path, "channel shuffle (reshape, axis swap, reshape)", _scopes(model, path, inside), dim
+        )
+    if example is not None:
+        inside = tuple(out)
+        for path in token_concats(model, example, skip=inside):
+            out[path] = Opaque(
+                path,
+                "concatenates tokens along axis 1 (a class token re-inserted), which "
+                "torch-pruning reads as channels",
+                _scopes(model, path, inside),
+                -1,
+            )
     types = {type(model.get_submodule(p)) for p in out}
     for path, m in model.named_modules():
         if type(m) in types and path not in out:

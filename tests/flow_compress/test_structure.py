@@ -4,13 +4,21 @@ attention layers of models nobody wrote rules for. Small real modules, real forw
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flow_compress.arch.blocks import find_candidates
-from flow_compress.arch.structure import has_channel_shuffle, residual_form
+from flow_compress.arch.structure import (
+    computes_attention,
+    fused_gates,
+    has_channel_shuffle,
+    residual_form,
+    token_concats,
+)
 from flow_compress.graph import PruningGraph, count_macs_params, replay_prune
 
 
@@ -260,3 +268,142 @@ def test_a_one_by_one_conv_head_is_the_classifier() -> None:
     assert {g.root_name for g in graph.groups()} == {"0.0"}  # never the logits
     left = {a.path: a.reason for a in graph.ignored}
     assert "classifier" in left["1"]
+
+
+class FusedGlu(nn.Module):
+    """A fused gated MLP written as timm's ``GluMlp`` is: one layer, chunked and multiplied."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+class NotAGate(nn.Module):
+    """Chunks a layer's output in two but adds the halves: no gate, no hidden-unit pairs."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(a + b)
+
+
+def test_fused_gates_are_read_from_the_chunk_and_product() -> None:
+    timm_layers = pytest.importorskip("timm.layers")
+    assert list(fused_gates(FusedGlu(8, 6))) == ["fc1"]
+    assert list(fused_gates(timm_layers.GluMlp(8, 12, act_layer=nn.SiLU, gate_last=False))) == [
+        "fc1"
+    ]
+    assert list(fused_gates(NotAGate(8, 6))) == []
+    assert list(fused_gates(timm_layers.SwiGLU(8, 6))) == []  # two layers: DepGraph couples them
+
+
+def test_a_fused_gate_prunes_both_halves_of_a_hidden_unit() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), FusedGlu(8, 6), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 5, 4)
+    graph = PruningGraph(model, x, ignored=[model[2]])
+    (group,) = [g for g in graph.groups() if g.root_name == "1.fc1"]
+    assert group.size == 6  # hidden units, not the layer's 12 rows
+    assert sorted(r for p in group.producers for r in p.root_idxs) == sorted(list(range(6)) * 2)
+    reference = copy.deepcopy(model)
+    keep = [0, 2, 3, 5]
+    fc1, fc2 = reference[1].fc1, reference[1].fc2
+    rows = keep + [6 + k for k in keep]
+    fc1.weight, fc1.bias = nn.Parameter(fc1.weight[rows]), nn.Parameter(fc1.bias[rows])
+    fc2.weight = nn.Parameter(fc2.weight[:, keep])
+    entry = graph.prune(group, [1, 4])
+    graph.verify([group.root_name])
+    assert model[1].fc1.out_features == 8 and model[1].fc2.in_features == 4
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-6)
+    fresh = nn.Sequential(nn.Linear(4, 8), FusedGlu(8, 6), nn.Linear(8, 3)).eval()
+    replay_prune(fresh, x, [entry])
+    fresh.load_state_dict(model.state_dict())
+
+
+class ClassTokenConv(nn.Module):
+    """CoaT's ``ConvPosEnc``: a depthwise conv over the image tokens, the class token put back
+    in front by a concatenation along the token axis; it takes the grid size too."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        b, _, c = x.shape
+        cls, img = x[:, :1], x[:, 1:]
+        feat = img.transpose(1, 2).reshape(b, c, size[0], size[1])
+        return torch.cat((cls, (self.proj(feat) + feat).flatten(2).transpose(1, 2)), dim=1)
+
+
+class TokenNet(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 2, stride=2)
+        self.cls = nn.Parameter(torch.zeros(1, 1, c))
+        self.cpe = ClassTokenConv(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        size = (t.shape[2], t.shape[3])
+        t = torch.cat((self.cls.expand(t.shape[0], -1, -1), t.flatten(2).transpose(1, 2)), 1)
+        t = self.cpe(t, size)
+        t = t + self.mlp(t)
+        return self.head(t[:, 0])
+
+
+def test_a_token_axis_concatenation_is_left_alone_and_the_rest_prunes() -> None:
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert token_concats(model, x) == ["cpe"]  # the model's own class-token concat is not
+    graph = PruningGraph(model, x, ignored=[model.head])
+    left = {a.path: a.reason for a in graph.ignored}
+    assert "concatenates tokens along axis 1" in left["cpe"]
+    assert "coupled to cpe" in left["embed"]
+    (group,) = [g for g in graph.groups() if g.unit == "channel"]
+    assert group.root_name == "mlp.0"
+    entry = graph.prune(group, [0, 1, 2])
+    graph.verify([group.root_name])
+    fresh = TokenNet().eval()
+    replay_prune(fresh, x, [entry])
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=1e-6)
+
+
+class FactorAttention(nn.Module):
+    """Attention written inline under a name without "attention" (CoaT's factorised one)."""
+
+    def __init__(self, c: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        att = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+        return self.proj(att.transpose(1, 2).reshape(b, n, c))
+
+
+def test_attention_is_read_from_softmax_and_matmul_whatever_the_name() -> None:
+    assert computes_attention(FactorAttention(16, 4))
+    assert not computes_attention(FusedGlu(8, 6))
+    model = nn.Sequential(nn.Linear(8, 16), FactorAttention(16, 4), nn.Linear(16, 3)).eval()
+    graph = PruningGraph(model, torch.randn(2, 5, 8), ignored=[model[2]])
+    left = {a.path: a.reason for a in graph.ignored}
+    assert "unknown layout (FactorAttention)" in left["1"]
+    assert not [g for g in graph.groups() if g.root_name.startswith("1.")]
