@@ -14,13 +14,12 @@ lists the candidates of every family and why DenseNet has none.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
 from flow_compress.arch._spec import Candidate, Kind, block_rules
-from flow_compress.arch.structure import residual_form
+from flow_compress.arch.structure import residual_form, run_once
 
 
 class ProjectionShortcut(nn.Module):
@@ -130,22 +129,8 @@ def _single_tensor_calls(model: nn.Module, example: torch.Tensor, names: list[st
     modules = dict(model.named_modules())
     for name in names:
         handles.append(modules[name].register_forward_hook(hook(name), with_kwargs=True))
-    _run_once(model, example, handles)
+    run_once(model, example, handles)
     return {n for n, k in calls.items() if k == 1 and n not in bad}
-
-
-def _run_once(model: nn.Module, example: torch.Tensor, handles: list[Any]) -> None:
-    """One eval-mode forward pass of ``example[:1]`` with ``handles`` registered; the hooks
-    are removed and the training flag restored whatever happens."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 def _io_shapes(
@@ -174,7 +159,7 @@ def _io_shapes(
     for first, last in spans:
         handles.append(modules[first].register_forward_pre_hook(pre(first)))
         handles.append(modules[last].register_forward_hook(post(first)))
-    _run_once(model, example, handles)
+    run_once(model, example, handles)
     return shapes
 
 

@@ -452,18 +452,26 @@ def token_concats(model: nn.Module, example: torch.Tensor, skip: tuple[str, ...]
         if path and not any(path == s or path.startswith(s + ".") for s in skip):
             handles.append(m.register_forward_pre_hook(enter(path)))
             handles.append(m.register_forward_hook(leave, always_call=True))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), _CatRecorder(stack, found):
-            model(example[:1])
+        with _CatRecorder(stack, found):
+            run_once(model, example, handles)
     except Exception:  # a model that does not run is reported where its graph is built
         return []
+    return found
+
+
+def run_once(model: nn.Module, example: torch.Tensor, handles: list[Any]) -> None:
+    """One eval-mode forward pass of ``example[:1]`` with ``handles`` registered; the hooks
+    are removed and the training flag restored whatever happens."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(example[:1])
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return found
 
 
 def scale_dim(name: str, p: torch.Tensor) -> int | None:
@@ -480,6 +488,7 @@ __all__ = [
     "fused_gates",
     "has_channel_shuffle",
     "residual_form",
+    "run_once",
     "scale_dim",
     "shallow_graph",
     "shuffles",

@@ -283,13 +283,8 @@ class FusedGlu(nn.Module):
         return self.fc2(F.silu(a) * b)
 
 
-class NotAGate(nn.Module):
+class NotAGate(FusedGlu):
     """Chunks a layer's output in two but adds the halves: no gate, no hidden-unit pairs."""
-
-    def __init__(self, d: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * hidden)
-        self.fc2 = nn.Linear(hidden, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.fc1(x).chunk(2, dim=-1)
