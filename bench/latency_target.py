@@ -12,12 +12,14 @@ process:
   target (``0.8 / target_macs``, 2.67x at 30 %), no MACs target, ranking ``score_per_ms``
   with the measured cost model.
 
-Then the base and both pruned models are timed against each other on ONNX Runtime at every
-``--batches`` size (base and pruned interleaved run by run, the library's
-``DeploymentTimer.compare``), and the report gives each run's MACs kept, its speed-up, and
-the ratio of speed-up to MACs reduction (1.0: time fell as fast as MACs; the goal is at least
-0.8). The cost model's build time (a cold build: each invocation starts from an empty table) and its
-prediction error over the steps are reported too.
+Then the base and both pruned models are timed against each other on the deployment (default
+ONNX Runtime on the CPU; ``--runtime``, ``--device`` and ``--dtype`` choose another,
+``--batch`` the batch size the latency run optimises for) at every ``--batches`` size (base and
+pruned interleaved run by run, the library's ``DeploymentTimer.compare``), and the report gives
+each run's MACs kept, its speed-up, and the ratio of speed-up to MACs reduction (1.0: time fell
+as fast as MACs; the goal is at least 0.8). The cost model's build time (a cold build: each
+invocation starts from an empty table) and its prediction error over the steps are reported
+too.
 
 Accuracy is not measured here (no pretrained weights can be downloaded on this machine, and
 training four 224-px ImageNet models on 2 CPU cores is out of reach): the accuracy budget is
@@ -65,6 +67,23 @@ class Protocol:
     runs: int = 11
     final_runs: int = 21
     batches: tuple[int, ...] = (1, 32)
+    # The deployment the latency run targets and every speed-up is timed on.
+    runtime: str = "onnxruntime"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch: int = 1
+
+    def deployment(self, batch: int, runs: int) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch_size": batch,
+            # A GPU's kernels take no CPU thread count; fixing one there means nothing.
+            "threads": self.threads if self.device == "cpu" else None,
+            "runs": runs,
+            "warmup": 3,
+        }
 
 
 QUICK = Protocol()
@@ -93,13 +112,13 @@ def _config(model: str, proto: Protocol, kind: str) -> Any:
         "in_chans": 3,
         "input_size": proto.input_size,
         "max_drop": 100.0,
-        "device": "cpu",
+        "device": proto.device,
         "prune": {"steps": proto.steps, "calibration_batches": 1},
         "truncate": {"enabled": False},
         "recovery": {"iters_per_step": 0, "trunc_iters": 0, "final_iters": 0},
         "data": {"eval_batch_size": 8, "max_eval_samples": 16},
         "latency": {"enabled": False},
-        "deployment": {"threads": proto.threads, "runs": proto.runs, "warmup": 3},
+        "deployment": proto.deployment(proto.batch, proto.runs),
     }
     if kind == "macs":
         raw["target_macs"] = proto.target_macs
@@ -125,9 +144,7 @@ def _time(base: Any, pruned: Any, proto: Protocol, shape: tuple[int, int, int]) 
 
     out = {}
     for batch in proto.batches:
-        dep = DeploymentConfig(
-            threads=proto.threads, batch_size=batch, runs=proto.final_runs, warmup=3
-        )
+        dep = DeploymentConfig.model_validate(proto.deployment(batch, proto.final_runs))
         out[f"b{batch}"] = round(DeploymentTimer(dep, shape).compare(base, pruned).speedup, 3)
     return out
 
@@ -172,6 +189,13 @@ def run_model(model: str, proto: Protocol, cache: Path) -> list[Run]:
     return runs
 
 
+def _label(proto: Protocol) -> str:
+    from flow_compress.config import DeploymentConfig
+
+    dep = DeploymentConfig.model_validate(proto.deployment(proto.batch, proto.runs))
+    return f"`{dep.label()}`" + (f" ({proto.device.upper()})" if proto.device == "cuda" else "")
+
+
 def _markdown(runs: list[Run], proto: Protocol, env: dict[str, Any], wall: float) -> str:
     batches = [f"b{b}" for b in proto.batches]
     rows = []
@@ -207,11 +231,11 @@ def _markdown(runs: list[Run], proto: Protocol, env: dict[str, Any], wall: float
         "",
         f"`{command_line()}` — {wall / 60:.1f} min.",
         "",
-        f"Input {proto.input_size} px, ONNX Runtime CPU with {proto.threads} threads, "
+        f"Input {proto.input_size} px, deployment {_label(proto)}, "
         f"{proto.steps} stage-1 steps, no recovery and no accuracy budget (structure only: "
         f"randomly initialised weights). `macs`: target_macs {proto.target_macs:.2f}, ranking "
         f"by score; `latency`: target_speedup {0.8 / proto.target_macs:.2f}×, ranking by "
-        "score per millisecond with the measured cost model (optimised for batch 1). "
+        f"score per millisecond with the measured cost model (optimised for batch {proto.batch}). "
         "Speed-ups: base and pruned timed alternately, median of "
         f"{proto.final_runs} runs. Ratio: speed-up × MACs kept (1.0 = time fell as fast as "
         "MACs; goal ≥ 0.8). Cost model build: seconds spent timing layers in this run "
@@ -228,7 +252,7 @@ def _markdown(runs: list[Run], proto: Protocol, env: dict[str, Any], wall: float
     return "\n".join(lines)
 
 
-def _plot(runs: list[Run], out: Path) -> None:
+def _plot(runs: list[Run], proto: Protocol, out: Path) -> None:
     fig, ax = figure()
     for r in runs:
         xs = [s["macs_ratio"] * 100 for s in r.steps if s["latency_ms"]]
@@ -239,7 +263,7 @@ def _plot(runs: list[Run], out: Path) -> None:
     ax.plot(xs, [100 / x for x in xs], "k:", label="speed-up = MACs reduction")
     ax.plot(xs, [80 / x for x in xs], "k--", alpha=0.5, label="goal: 0.8 × MACs reduction")
     ax.set_xlabel("MACs kept (%)")
-    ax.set_ylabel("speed-up at batch 1 (measured per step)")
+    ax.set_ylabel(f"speed-up at batch {proto.batch} (measured per step)")
     ax.set_ylim(bottom=0.8, top=max(6.0, *(max(r.speedup.values()) for r in runs)))
     ax.invert_xaxis()
     ax.legend(fontsize=7)
@@ -253,6 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batches", type=parse_ints, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--runtime", default=None, help="eager, torchscript or onnxruntime")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=None, choices=("fp32", "fp16"))
+    parser.add_argument(
+        "--batch", type=int, default=None, help="the batch size the latency run optimises for"
+    )
     args: argparse.Namespace = parser.parse_args(argv)
     import torch
 
@@ -262,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "batches": args.batches,
         "steps": args.steps,
+        "runtime": args.runtime,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
     }
     from dataclasses import replace
 
@@ -289,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     write_text(out / "RESULTS.md", _markdown(runs, proto, env, wall))
-    _plot(runs, out)
+    _plot(runs, proto, out)
     log(f"wrote {out}/RESULTS.md")
 
 
