@@ -59,6 +59,8 @@ from flow_compress.errors import UnsupportedModelError
 from flow_compress.graph.support import declared_parameters, opaque_modules
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+# The norms the latency cost model times (``graph.latency_cost.layer_shape``).
+_NORM_TYPES = (nn.BatchNorm2d, nn.LayerNorm)
 _ACT_BY_GRAD_FN: dict[str, Activation] = {
     "Relu": torch.relu,
     "Hardtanh": lambda t: t.clamp(0.0, 6.0),  # ReLU6 shows up as hardtanh
@@ -124,6 +126,9 @@ class PrunableGroup:
     size: int
     producers: list[Member] = field(default_factory=list)
     consumers: list[Member] = field(default_factory=list)
+    # LayerNorm and BatchNorm2d layers whose channels the group removes (timed by the
+    # latency cost model; they cost no MACs).
+    norms: list[Member] = field(default_factory=list)
     cost: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     unit: Unit = "channel"
     tokens: int = 0
@@ -447,6 +452,13 @@ class PruningGraph:
 
             return fn
 
+        def in_hook(name: str):  # type: ignore[no-untyped-def]
+            def fn(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
+                if inputs and isinstance(inputs[0], torch.Tensor):
+                    self.in_shapes[name] = tuple(inputs[0].shape)
+
+            return fn
+
         def opaque_hook(name: str, channel_dim: int | None):  # type: ignore[no-untyped-def]
             def fn(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
                 x = args[0] if args else next(iter(kwargs.values()), None)
@@ -475,6 +487,8 @@ class PruningGraph:
             for name, module in self.model.named_modules():
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     handles.append(module.register_forward_hook(out_hook(name)))
+                elif isinstance(module, _NORM_TYPES):
+                    handles.append(module.register_forward_pre_hook(in_hook(name)))
                 info = self.opaque_info.get(name)
                 if info is None:
                     continue
@@ -597,6 +611,11 @@ class PruningGraph:
         for item in g.items:
             dep = item.dep
             module = dep.target.module
+            if isinstance(module, _NORM_TYPES):
+                nname = self.names.get(module)
+                if nname is not None and nname in self.in_shapes:
+                    pg.norms.append(Member(nname, module, list(item.idxs), list(item.root_idxs)))
+                continue
             if not isinstance(module, (nn.Conv2d, nn.Linear)):
                 continue
             mname = self.names.get(module)

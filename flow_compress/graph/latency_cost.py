@@ -11,13 +11,17 @@ deployment and the machine, so a table is built once per runtime, device and inp
 reused by every later job (``LatencyTable``).
 
 A group's latency at width w is the sum over its layers (producers with w outputs,
-consumers with w inputs) of their table entries. The widths a group may be cut to are the
-*fast* ones found in the table: a width is dropped when a wider one measured no slower
-(within ``_SAME``), because a width inside a kernel's block costs as much as the block's
-end. Between measured widths the curve is interpolated linearly.
+consumers with w inputs, and the norm layers between them with w channels) of their table
+entries. Norms are in the table because their kernels have fast paths too: on an H200 in
+float16, LayerNorm over a width that is not a multiple of 8 leaves the vectorised kernel for
+a two-pass one, and a pruned ConvNeXt-T spent half its GPU time there (BatchNorm is timed on
+the torch runtimes only; ONNX Runtime folds it into the convolution before it). The widths
+a group may be cut to are the *fast* ones found in the table: a width is dropped when a wider
+one measured no slower (within ``_SAME``), because a width inside a kernel's block costs as
+much as the block's end. Between measured widths the curve is interpolated linearly.
 
-What the sum leaves out (fused activations and norms, additions, memory traffic between
-layers) is why the pipeline times the whole model after every step and reports both.
+What the sum leaves out (activations, additions, memory traffic between layers) is why the
+pipeline times the whole model after every step and reports both.
 """
 
 from __future__ import annotations
@@ -76,10 +80,18 @@ def width_grid(width: int, keep_min: int) -> list[int]:
     return sorted(out)
 
 
+# Layers whose input is channels-first (N, C, *spatial); the others are (N, *spatial, C).
+_CHANNELS_FIRST = ("conv", "layernorm_cf", "batchnorm")
+_NORMS = ("layernorm", "layernorm_cf", "batchnorm")
+
+
 @dataclass(frozen=True)
 class LayerShape:
-    """One conv or linear layer as the runtime sees it. ``spatial``: the input's (H, W) for
-    a conv, its token dimensions (between batch and features) for a linear layer."""
+    """One conv, linear or norm layer as the runtime sees it. ``spatial``: the input's
+    (H, W) for a conv, its token dimensions (between batch and features) for a linear layer,
+    the dimensions beside the channels for a norm. Kinds: ``conv``, ``linear``,
+    ``layernorm`` (over the last dimension), ``layernorm_cf`` (over dimension 1 of an
+    (N, C, H, W) map: timm's LayerNorm2d), ``batchnorm``."""
 
     kind: str
     cin: int
@@ -115,7 +127,9 @@ class LayerShape:
 
     def with_width(self, role: str, width: int) -> LayerShape:
         """This layer with the channels ``role`` ("out", "in" or "both") set to ``width``;
-        a depthwise conv's inputs, outputs and groups move together."""
+        a depthwise conv's inputs, outputs and groups move together, as a norm's channels do."""
+        if self.kind in _NORMS:
+            return replace(self, cin=width, cout=width)
         if self.depthwise:
             mult = self.cout // self.cin
             return replace(self, cin=width, cout=width * mult, groups=width)
@@ -127,8 +141,20 @@ class LayerShape:
 
 
 def layer_shape(module: nn.Module, in_shape: tuple[int, ...]) -> LayerShape | None:
-    """The shape of ``module`` (Conv2d or Linear) on an input of ``in_shape`` (batch first),
-    or None for other modules."""
+    """The shape of ``module`` (Conv2d, Linear, LayerNorm over one dimension, BatchNorm2d)
+    on an input of ``in_shape`` (batch first), or None for other modules."""
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        c = int(module.normalized_shape[0])
+        dims = tuple(int(d) for d in in_shape)
+        bias = module.bias is not None
+        if dims[-1] == c:
+            return LayerShape("layernorm", c, c, spatial=dims[1:-1], bias=bias)
+        if len(dims) == 4 and dims[1] == c:
+            return LayerShape("layernorm_cf", c, c, spatial=dims[2:], bias=bias)
+        return None
+    if isinstance(module, nn.BatchNorm2d) and len(in_shape) == 4:
+        c = int(module.num_features)
+        return LayerShape("batchnorm", c, c, spatial=tuple(int(d) for d in in_shape[2:]))
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         dh, dw = module.dilation
@@ -191,12 +217,26 @@ def _timed(run: Callable[[], object], sync: Callable[[], None]) -> float:
 
 
 def _onnx_layer(shape: LayerShape, batch: int) -> bytes:
-    """``shape`` as a one-node ONNX model (Conv, or MatMul/Gemm + bias) with random weights."""
+    """``shape`` as a one-node ONNX model (Conv, MatMul/Gemm + bias, LayerNormalization, the
+    last between the transposes a channels-first LayerNorm exports to) with random weights."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     inits = []
-    if shape.kind == "conv":
+    if shape.kind in ("layernorm", "layernorm_cf"):
+        first = shape.kind == "layernorm_cf"
+        dims = [batch, shape.cin, *shape.spatial] if first else [batch, *shape.spatial, shape.cin]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+        inits.append(numpy_helper.from_array(np.ones(shape.cin, np.float32), "g"))
+        inputs = ["t" if first else "x", "g"]
+        if shape.bias:
+            inits.append(numpy_helper.from_array(np.zeros(shape.cin, np.float32), "b"))
+            inputs.append("b")
+        nodes = [helper.make_node("LayerNormalization", inputs, ["n" if first else "y"], axis=-1)]
+        if first:
+            nodes.insert(0, helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]))
+            nodes.append(helper.make_node("Transpose", ["n"], ["y"], perm=[0, 3, 1, 2]))
+    elif shape.kind == "conv":
         x = helper.make_tensor_value_info(
             "x", TensorProto.FLOAT, [batch, shape.cin, *shape.spatial]
         )
@@ -243,7 +283,24 @@ def _onnx_layer(shape: LayerShape, batch: int) -> bytes:
     return bytes(model.SerializeToString())
 
 
+class _ChannelsFirstNorm(nn.Module):
+    """LayerNorm over dimension 1 of an (N, C, H, W) map, as timm's LayerNorm2d runs it."""
+
+    def __init__(self, channels: int, bias: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def _torch_layer(shape: LayerShape) -> nn.Module:
+    if shape.kind == "layernorm":
+        return nn.LayerNorm(shape.cin, bias=shape.bias)
+    if shape.kind == "layernorm_cf":
+        return _ChannelsFirstNorm(shape.cin, shape.bias)
+    if shape.kind == "batchnorm":
+        return nn.BatchNorm2d(shape.cin)
     if shape.kind == "conv":
         pads = shape.pads
         if pads[0] == pads[2] and pads[1] == pads[3]:
@@ -280,7 +337,12 @@ def time_layer(shape: LayerShape, dep: DeploymentConfig) -> float:
     torch runtimes: the module itself (a single layer calls the same kernel traced or not)."""
     batch = dep.batch_size
     device = device_of(dep)
+    channels_first = shape.kind in _CHANNELS_FIRST
     if dep.runtime == "onnxruntime":
+        if shape.kind == "batchnorm":
+            # Exported in eval mode after a conv, ONNX Runtime folds it into the conv's
+            # weights: it costs nothing of its own there.
+            return 0.0
         from flow_compress.export.onnx import session
 
         # Non-spinning threads, as the end-to-end timings run (``export.onnx.file_engine``),
@@ -292,14 +354,16 @@ def time_layer(shape: LayerShape, dep: DeploymentConfig) -> float:
             tensorrt=dep.provider == "tensorrt",
             spinning=False,
         )
-        dims = [batch, shape.cin, *shape.spatial] if shape.kind == "conv" else None
-        if dims is None:
-            dims = [batch, *shape.spatial, shape.cin]
+        dims = (
+            [batch, shape.cin, *shape.spatial]
+            if channels_first
+            else [batch, *shape.spatial, shape.cin]
+        )
         feed = {"x": np.random.default_rng(1).standard_normal(dims, dtype=np.float32)}
         return _timed(lambda: sess.run(None, feed), lambda: None)  # type: ignore[attr-defined]
     dtype = torch.float16 if dep.dtype == "fp16" else torch.float32
     module = _torch_layer(shape).to(device=device, dtype=dtype).eval()
-    if shape.kind == "conv":
+    if channels_first:
         x = torch.randn(batch, shape.cin, *shape.spatial, device=device, dtype=dtype)
     else:
         x = torch.randn(batch, *shape.spatial, shape.cin, device=device, dtype=dtype)
@@ -451,10 +515,13 @@ def member_layers(
     producers: Iterable[tuple[str, nn.Module]],
     consumers: Iterable[tuple[str, nn.Module]],
     in_shapes: dict[str, tuple[int, ...]],
+    norms: Iterable[tuple[str, nn.Module]] = (),
 ) -> list[Member]:
     """The layers a group's width changes, each once, with the role the width plays in it
-    ("out", "in", or "both" for a layer on both sides)."""
+    ("out", "in", or "both" for a layer on both sides, and for a norm)."""
     roles: dict[str, tuple[nn.Module, set[str]]] = {}
+    for name, module in norms:
+        roles.setdefault(name, (module, {"out", "in"}))
     for role, members in (("out", producers), ("in", consumers)):
         for name, module in members:
             roles.setdefault(name, (module, set()))[1].add(role)
@@ -471,8 +538,8 @@ def member_layers(
 def layers_ms(
     model: nn.Module, in_shapes: dict[str, tuple[int, ...]], table: LatencyTable
 ) -> float:
-    """The summed table time of every conv and linear layer of ``model`` on the input shapes
-    it gets (``in_shapes``: a pruning graph's shape pass)."""
+    """The summed table time of every conv, linear and norm layer of ``model`` on the input
+    shapes it gets (``in_shapes``: a pruning graph's shape pass)."""
     total = 0.0
     for name, module in model.named_modules():
         shape = in_shapes.get(name)

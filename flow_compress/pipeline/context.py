@@ -208,14 +208,16 @@ class Context:
         accepted: bool = True,
         detail: str = "",
         predicted_ms: float | None = None,
+        measured_ms: float | None = None,
     ) -> StepRecord:
         """Append a row of the dynamics table for ``model``: MACs, params, validation
         accuracy (``top`` when already measured) and, with a deployment, its latency there
-        (a rejected model is timed too but does not become the current latency)."""
+        (``measured_ms`` when ``measure_latency`` already timed it; a rejected model is timed
+        too but does not become the current latency)."""
         macs, params = self.cost(model)
         top1, top5 = top if top is not None else self.val_accuracy(model)
         now = self.latency_now_ms
-        ms = self.measure_latency(model)
+        ms = measured_ms if measured_ms is not None else self.measure_latency(model)
         if not accepted:
             self.latency_now_ms = now
         rec = StepRecord(

@@ -5,7 +5,8 @@ criterion (``flow_compress.criteria``) → rank globally → remove the lowest-r
 the step's MACs target is saved → recover by distillation → evaluate on the validation split.
 A step whose accuracy drop against the original exceeds ``max_drop`` is rolled back and
 retried with half the MACs cut (at most ``prune.retries`` times); if it still fails, the stage
-stops with the last accepted model.
+stops with the last accepted model. With a latency target, a step that measures slower on the
+deployment than the model before it (beyond the noise) is rolled back and retried the same way.
 
 Choices (their reasons are in docs/algorithm.md):
 - Ranking ``score`` (the default) orders units by score alone, as the paper does;
@@ -236,6 +237,7 @@ class FilterPruner:
                         ((m.name, m.module) for m in g.producers),
                         ((m.name, m.module) for m in g.consumers),
                         graph.in_shapes,
+                        ((m.name, m.module) for m in g.norms),
                     )
                     if layers:
                         curve = group_curve(layers, g.size, keep, table)
@@ -312,11 +314,9 @@ class FilterPruner:
                 # An earlier step went past this point of the schedule (a measured latency
                 # can fall by more than predicted): the next point asks for more.
                 continue
-            model, accepted = self._step(model, k, macs, now_ms, aim)
-            if not accepted:
-                ctx.emit(
-                    STAGE, K, K, message="accuracy budget reached; keeping last accepted model"
-                )
+            model, ended = self._step(model, k, macs, now_ms, aim)
+            if ended is not None:
+                ctx.emit(STAGE, K, K, message=f"{ended}; keeping last accepted model")
                 break
         macs, _ = ctx.cost(model)
         self._note_shortfall(macs)
@@ -379,27 +379,82 @@ class FilterPruner:
 
     def _step(
         self, model: nn.Module, k: int, macs: float, now_ms: float | None, aim: _Aim
-    ) -> tuple[nn.Module, bool]:
+    ) -> tuple[nn.Module, str | None]:
         """One schedule step: cut, recover, evaluate; over the budget, roll back and retry
-        with half the cut. Returns the model to go on with and whether the step was kept."""
+        with half the cut. With a latency target a kept step must also not measure slower
+        than the model before it: a cut the deployment runs slower (narrow widths that fall
+        off a kernel's fast path) costs accuracy and time, and is rolled back and retried the
+        same way.
+        Returns the model to go on with and, when the step was not kept, why the stage
+        ends."""
         ctx = self.ctx
         snapshot = copy.deepcopy(model)
+        ended = "accuracy budget reached"
         for attempt in range(self.cfg.retries + 1):
             pruned, entries, predicted = self._cut_for(model, macs, now_ms, aim)
             if not entries:
-                return model, False
+                return model, ended if attempt else "nothing left to cut"
             ctx.recover(pruned, ctx.config.recovery.iters_per_step, STAGE)
             top1, top5 = ctx.val_accuracy(pruned)
-            if ctx.drop(top1) <= ctx.config.max_drop:
-                self._keep(pruned, entries, k, attempt, (top1, top5), predicted, now_ms)
-                return pruned, True
-            ctx.notes.append(
-                f"Filter Prune step {k + 1}: drop {ctx.drop(top1):.2f} > budget "
-                f"{ctx.config.max_drop:.2f}, rolled back (attempt {attempt + 1})"
-            )
+            tried = f"Filter Prune step {k + 1}"
+            if ctx.drop(top1) > ctx.config.max_drop:
+                ended = "accuracy budget reached"
+                ctx.notes.append(
+                    f"{tried}: drop {ctx.drop(top1):.2f} > budget "
+                    f"{ctx.config.max_drop:.2f}, rolled back (attempt {attempt + 1})"
+                )
+            else:
+                faster, measured = self._timed_faster(pruned, now_ms, aim, top1, top5, predicted)
+                if faster:
+                    self._keep(
+                        pruned, entries, k, attempt, (top1, top5), predicted, now_ms, measured
+                    )
+                    return pruned, None
+                ended = "cuts measured slower on the deployment"
+                ctx.notes.append(
+                    f"{tried}: measured {ctx.steps[-1].latency_ms:.3g} ms on the deployment, "
+                    f"slower than {now_ms:.3g} ms before it by more than the noise, "
+                    f"rolled back (attempt {attempt + 1})"
+                )
             model = copy.deepcopy(snapshot)
             aim.halve()
-        return model, False
+        return model, ended
+
+    def _timed_faster(
+        self,
+        pruned: nn.Module,
+        now_ms: float | None,
+        aim: _Aim,
+        top1: float,
+        top5: float,
+        predicted: float | None,
+    ) -> tuple[bool, float | None]:
+        """Whether ``pruned`` may be kept on speed, and its latency if measured here. With a
+        latency target it is timed now and must not be slower than ``now_ms`` by more than
+        the measurement's noise (the margin ``reached_latency`` uses). A step within the
+        noise is kept: on a busy machine a real saving of a few percent measures either way,
+        and rejecting it would end runs that later, larger cuts would have carried to the
+        target. A rejected step's row is recorded and the current latency stays ``now_ms``.
+        Without a latency target any step may be kept (its row times it, if there is a
+        deployment)."""
+        ctx = self.ctx
+        if not (aim.ms_target and now_ms):
+            return True, None
+        ms = ctx.measure_latency(pruned)
+        margin = max(SPEEDUP_NOISE, ctx.latency_spread / 2)
+        if ms is None or ms <= now_ms * (1 + margin):
+            return True, ms
+        ctx.latency_now_ms = now_ms
+        ctx.record(
+            pruned,
+            STAGE,
+            top=(top1, top5),
+            accepted=False,
+            detail="slower: rolled back",
+            predicted_ms=predicted,
+            measured_ms=ms,
+        )
+        return False, ms
 
     def _cut_for(
         self, model: nn.Module, macs: float, now_ms: float | None, aim: _Aim
@@ -428,6 +483,7 @@ class FilterPruner:
         top: tuple[float, float],
         predicted: float | None,
         before_ms: float | None,
+        measured_ms: float | None = None,
     ) -> None:
         """Record an accepted step: plan, dynamics row, the cost model's correction,
         checkpoint and progress."""
@@ -439,6 +495,7 @@ class FilterPruner:
             top=top,
             detail=f"step {k + 1}/{K}" + (f", retry {attempt}" if attempt else ""),
             predicted_ms=predicted,
+            measured_ms=measured_ms,
         )
         if predicted is not None and before_ms and rec.latency_ms is not None:
             self._learn(before_ms, predicted, rec.latency_ms)
@@ -463,7 +520,7 @@ class FilterPruner:
             ctx.notes.append(
                 f"Filter Prune ended at {ctx.latency_now_ms:.3g} ms on the deployment, above "
                 f"the latency target {ctx.target_latency_ms:.3g} ms (budget, per-layer caps, "
-                "or widths that save no measurable time)"
+                "widths that save no measurable time, or cuts the deployment ran slower)"
             )
 
     def _learn(self, before_ms: float, predicted_ms: float, measured_ms: float) -> None:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from flow_compress.arch.models import build_model
 from flow_compress.config import CompressionConfig, DeploymentConfig
+from flow_compress.data import DataSplits
 from flow_compress.errors import BudgetExceededError, DeploymentUnavailableError
 from flow_compress.graph import PruningGraph
 from flow_compress.graph.latency_cost import (
@@ -29,9 +30,11 @@ from flow_compress.graph.latency_cost import (
     time_layer,
     width_grid,
 )
-from flow_compress.pipeline import compress
+from flow_compress.measure.deployment import Comparison, DeploymentTimer, Timing
+from flow_compress.pipeline import compress, make_context
 from flow_compress.pipeline.latency_selection import Option, select_by_latency
-from flow_compress.schema import speedup_verdict
+from flow_compress.pipeline.stage1 import FilterPruner
+from flow_compress.schema import Stage, speedup_verdict
 from tests.flow_compress.conftest import SIZE, small_config
 
 # Enough runs that a median of 0.2-ms runs is stable on a busy 2-core machine.
@@ -116,6 +119,50 @@ def test_torch_runtimes_time_layers_too() -> None:
     assert time_layer(LayerShape("linear", 8, 4, spatial=(3,)), dep) > 0
 
 
+def test_norm_layers_are_timed_with_their_layout() -> None:
+    """LayerNorm over the last dimension, LayerNorm over the channels of a map (timm's
+    LayerNorm2d) and BatchNorm are layers of the table; ONNX Runtime folds BatchNorm into
+    the conv before it, so it costs nothing there and something on the torch runtimes."""
+    from timm.layers import LayerNorm2d
+
+    last = layer_shape(torch.nn.LayerNorm(24), (2, 5, 24))
+    first = layer_shape(LayerNorm2d(24), (2, 24, 7, 7))
+    bn = layer_shape(torch.nn.BatchNorm2d(24), (2, 24, 7, 7))
+    assert last == LayerShape("layernorm", 24, 24, spatial=(5,))
+    assert first == LayerShape("layernorm_cf", 24, 24, spatial=(7, 7))
+    assert bn is not None and bn.kind == "batchnorm" and bn.with_width("out", 16).cin == 16
+    ort, eager = DeploymentConfig(threads=1), DeploymentConfig(runtime="eager", threads=1)
+    assert time_layer(last, ort) > 0 and time_layer(first, ort) > 0
+    assert time_layer(first, eager) > 0 and time_layer(bn, eager) > 0
+    assert time_layer(bn, ort) == 0.0
+
+
+def _slow_unaligned_norms(shape: LayerShape, _dep: DeploymentConfig) -> float:
+    """Convs cost their channel product; a norm over a width that is not a multiple of 8
+    takes a slow path (LayerNorm in float16 on an H200 leaves its vectorised kernel)."""
+    if shape.kind in ("batchnorm", "layernorm", "layernorm_cf"):
+        return 0.01 if shape.cout % 8 == 0 else 1.0
+    return shape.cin * shape.cout * 1e-6
+
+
+def test_a_norms_slow_widths_are_not_cut_to() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, in_chans=1, input_size=SIZE).eval()
+    graph = PruningGraph(model, torch.randn(1, 1, SIZE, SIZE), ignored=[model.fc])
+    table = LatencyTable(DeploymentConfig(runtime="eager"), timer=_slow_unaligned_norms)
+    g = next(g for g in graph.groups() if g.unit == "channel" and g.norms)
+    producers = [(m.name, m.module) for m in g.producers]
+    consumers = [(m.name, m.module) for m in g.consumers]
+    norms = [(m.name, m.module) for m in g.norms]
+    with_norms = member_layers(producers, consumers, graph.in_shapes, norms)
+    assert {m.shape.kind for m in with_norms} >= {"conv", "batchnorm"}
+    fast = group_curve(with_norms, g.size, 3, table).fast_widths()
+    assert fast and all(w % 8 == 0 for w in fast), fast
+    # Without the norms every width of the grid would look fast, 3 channels included.
+    blind = member_layers(producers, consumers, graph.in_shapes)
+    assert 3 in group_curve(blind, g.size, 3, table).fast_widths()
+
+
 def test_fast_widths_drop_widths_no_faster_than_a_wider_one() -> None:
     # A staircase with blocks of 8: inside a block a narrower width costs the same.
     widths = tuple(range(8, 33, 4))
@@ -130,7 +177,10 @@ def test_fast_widths_drop_widths_no_faster_than_a_wider_one() -> None:
 
 def _blocky(shape: LayerShape, _dep: DeploymentConfig) -> float:
     """A runtime whose kernels work on blocks of 16 output channels (a stand-in for a
-    measured staircase, so the selection's logic is checked exactly)."""
+    measured staircase, so the selection's logic is checked exactly); a norm's time is
+    linear in its channel blocks."""
+    if shape.kind in ("batchnorm", "layernorm", "layernorm_cf"):
+        return math.ceil(shape.cout / 16) * math.prod(shape.spatial) * 1e-4
     blocks = math.ceil(shape.cout / 16) * math.ceil(shape.cin / 16)
     return blocks * math.prod(shape.spatial or (1,)) * shape.kernel[0] * shape.kernel[1] * 1e-3
 
@@ -147,6 +197,7 @@ def test_selection_cuts_to_fast_widths_lowest_scores_first_until_the_need_is_met
             ((m.name, m.module) for m in g.producers),
             ((m.name, m.module) for m in g.consumers),
             graph.in_shapes,
+            ((m.name, m.module) for m in g.norms),
         )
         options.append(
             Option(g, torch.rand(g.size), 4, group_curve(layers, g.size, 4, table) or None)
@@ -284,6 +335,7 @@ def test_the_predicted_saving_holds_when_groups_sharing_a_layer_are_cut_together
             ((m.name, m.module) for m in g.producers),
             ((m.name, m.module) for m in g.consumers),
             graph.in_shapes,
+            ((m.name, m.module) for m in g.norms),
         )
         options.append(Option(g, torch.rand(g.size), 16, group_curve(layers, g.size, 16, table)))
     sel = select_by_latency(options, 0.6 * before, 0.0, ms_per_mac=1e-9)
@@ -306,3 +358,61 @@ def test_the_predicted_saving_holds_when_groups_sharing_a_layer_are_cut_together
         graph.prune(by_name[name], idxs)
     after = _layer_sum(model, table)
     assert sel.saved_ms == pytest.approx(before - after, rel=0.02)
+
+
+class _SlowerWhenCut(DeploymentTimer):
+    """A deployment on which every cut model runs slower than its base: what a pruned
+    ConvNeXt-T did on an H200 in float16, whose narrow LayerNorms left the fast kernel. That
+    GPU is not here, so the pruned model's time is the real base time plus 20 %."""
+
+    def compare(self, base: torch.nn.Module, pruned: torch.nn.Module) -> Comparison:
+        real = super().compare(base, pruned)
+        if _params(pruned) < _params(base):
+            return Comparison(real.base, Timing(real.base.ms * 1.2, real.pruned.spread))
+        return real
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_a_step_not_measured_faster_is_rolled_back_and_ends_the_stage(
+    trained_resnet: torch.nn.Module, digits: DataSplits
+) -> None:
+    cfg = latency_config(
+        target_speedup=1.5,
+        max_drop=100.0,
+        prune={"steps": 3, "ranking": "score_per_ms", "calibration_batches": 1, "retries": 1},
+    )
+    ctx, student = make_context(trained_resnet, digits, cfg)
+    assert ctx.deployment is not None
+    ctx.deployment = _SlowerWhenCut(ctx.deployment.dep, ctx.deployment.input_shape)
+    base = ctx.record(student, Stage.BASELINE)
+    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
+    base_macs, _ = ctx.cost(student)
+    result = FilterPruner(ctx).run(student)
+    assert ctx.cost(result)[0] == base_macs and not ctx.plan_ops
+    rejected = [s for s in ctx.steps if not s.accepted]
+    assert len(rejected) == 2 and all(s.macs < base_macs for s in rejected), ctx.notes
+    assert all(s.latency_ms is not None and s.latency_ms > base.latency_ms for s in rejected)
+    assert ctx.latency_now_ms == pytest.approx(base.latency_ms, abs=1e-3)
+    notes = [n for n in ctx.notes if "slower than" in n]
+    assert len(notes) == 2 and "rolled back" in notes[0]
+    assert any("latency target" in n for n in ctx.notes)
+
+
+def test_without_a_latency_target_a_slower_step_is_kept(
+    trained_resnet: torch.nn.Module, digits: DataSplits
+) -> None:
+    raw = small_config().model_dump()
+    raw["deployment"] = DEPLOY
+    raw["latency"] = {"enabled": False}
+    raw["prune"] = {**raw["prune"], "steps": 1}
+    cfg = CompressionConfig.model_validate(raw)
+    ctx, student = make_context(trained_resnet, digits, cfg)
+    assert ctx.deployment is not None
+    ctx.deployment = _SlowerWhenCut(ctx.deployment.dep, ctx.deployment.input_shape)
+    base = ctx.record(student, Stage.BASELINE)
+    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
+    result = FilterPruner(ctx).run(student)
+    assert ctx.cost(result)[0] < ctx.base_macs and all(s.accepted for s in ctx.steps)
