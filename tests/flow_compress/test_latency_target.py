@@ -396,9 +396,43 @@ def test_a_step_not_measured_faster_is_rolled_back_and_ends_the_stage(
     assert len(rejected) == 2 and all(s.macs < base_macs for s in rejected), ctx.notes
     assert all(s.latency_ms is not None and s.latency_ms > base.latency_ms for s in rejected)
     assert ctx.latency_now_ms == pytest.approx(base.latency_ms, abs=1e-3)
-    notes = [n for n in ctx.notes if "slower than" in n]
-    assert len(notes) == 2 and "rolled back" in notes[0]
+    notes = [n for n in ctx.notes if "slower: rolled back" in n]
+    assert len(notes) == 2 and all(s.detail == "slower: rolled back" for s in rejected)
     assert any("latency target" in n for n in ctx.notes)
+
+
+class _NoFasterWhenCut(DeploymentTimer):
+    """A deployment bound by kernel launches: a cut model runs as fast as its base, within
+    half a percent (eager PyTorch at batch 32 on an H200 ran ResNet-50 at 7.5-8.3 ms from
+    100 % to 9 % of its MACs). That GPU is not here, so the time is the real base time."""
+
+    def compare(self, base: torch.nn.Module, pruned: torch.nn.Module) -> Comparison:
+        real = super().compare(base, pruned)
+        if _params(pruned) < _params(base):
+            return Comparison(real.base, Timing(real.base.ms * 0.995, real.base.spread))
+        return real
+
+
+def test_a_step_far_below_its_predicted_saving_is_rolled_back(
+    trained_resnet: torch.nn.Module, digits: DataSplits
+) -> None:
+    cfg = latency_config(
+        target_speedup=2.0,
+        max_drop=100.0,
+        prune={"steps": 2, "ranking": "score_per_ms", "calibration_batches": 1, "retries": 0},
+    )
+    ctx, student = make_context(trained_resnet, digits, cfg)
+    assert ctx.deployment is not None
+    ctx.deployment = _NoFasterWhenCut(ctx.deployment.dep, ctx.deployment.input_shape)
+    base = ctx.record(student, Stage.BASELINE)
+    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
+    result = FilterPruner(ctx).run(student)
+    assert ctx.cost(result)[0] == ctx.base_macs
+    (rejected,) = [s for s in ctx.steps if not s.accepted]
+    assert rejected.detail == "no measured saving: rolled back"
+    # The rule is about a promise broken: the cost model predicted a saving well above noise.
+    assert rejected.predicted_latency_ms is not None and base.latency_ms is not None
+    assert rejected.predicted_latency_ms < 0.9 * base.latency_ms
 
 
 def test_without_a_latency_target_a_slower_step_is_kept(
