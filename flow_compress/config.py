@@ -238,6 +238,14 @@ class DeploymentConfig(_Frozen):
     runs: int = Field(
         25, ge=3, le=10_000, description="Timed runs per end-to-end measurement (median)."
     )
+    min_agreement: float = Field(
+        99.0,
+        ge=0,
+        le=100,
+        description="Least top-1 agreement (percent of export.parity_samples validation "
+        "images) of the pruned model on the deployment with eager float32 on the CPU; below "
+        "it the job fails with export_parity_failed.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentConfig:

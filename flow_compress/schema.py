@@ -205,6 +205,25 @@ def speedup_verdict(speedup: float, spread: float) -> str:
     return "no faster"
 
 
+class DeploymentParity(_Model):
+    """The pruned model as the deployment runs it (its runtime, device, dtype and batch size)
+    against the eager float32 model on the CPU, on ``samples`` validation images. Top-1
+    agreement is the criterion, not a logit tolerance: float16, TF32 and TensorRT's kernels
+    move logits by more than float32 rounding without changing what the model predicts."""
+
+    samples: int
+    top1_agreement: float = Field(..., description="Percent of samples with the same top-1.")
+    max_abs_diff: float
+    min_agreement: float
+    passed: bool
+
+    @model_validator(mode="after")
+    def _passed_follows_the_numbers(self) -> DeploymentParity:
+        if self.passed != (self.top1_agreement >= self.min_agreement):
+            raise ValueError("passed contradicts top1_agreement and min_agreement")
+        return self
+
+
 class DeploymentOutcome(_Model):
     """The speed-up on the deployment the job named, base and pruned timed alternately in one
     process (``measure.deployment``), and the latency target's verdict."""
@@ -228,6 +247,9 @@ class DeploymentOutcome(_Model):
         None, description="Whether every latency target was met (None: none was given)."
     )
     cost_model: CostModelStats | None = None
+    parity: DeploymentParity | None = Field(
+        None, description="The pruned model on the deployment against eager float32 on the CPU."
+    )
 
     @model_validator(mode="after")
     def _verdicts_follow_the_numbers(self) -> DeploymentOutcome:
@@ -413,6 +435,7 @@ __all__ = [
     "CompressionReport",
     "CostModelStats",
     "DeploymentOutcome",
+    "DeploymentParity",
     "ExportProbe",
     "Guarantee",
     "LatencyRecord",

@@ -274,6 +274,12 @@ def file_engine(
     from flow_compress.measure.latency import Engine, Runner, describe_device, random_input
 
     sess = session(path, device, threads, tensorrt=tensorrt, spinning=False)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        feed = {INPUT_NAME: x.detach().cpu().numpy().astype(np.float32)}
+        (out,) = sess.run([OUTPUT_NAME], feed)  # type: ignore[attr-defined]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
     if _on_cuda(sess):
         index = device.index if device.index is not None else torch.cuda.current_device()
 
@@ -293,7 +299,9 @@ def file_engine(
 
             return run
 
-        return Engine("onnxruntime", device, describe_device(device), input_shape, forward_cuda)
+        return Engine(
+            "onnxruntime", device, describe_device(device), input_shape, forward_cuda, predict
+        )
 
     cpu = torch.device("cpu")
     label = describe_device(cpu)
@@ -308,7 +316,7 @@ def file_engine(
 
         return run
 
-    return Engine("onnxruntime", cpu, label, input_shape, forward_cpu)
+    return Engine("onnxruntime", cpu, label, input_shape, forward_cpu, predict)
 
 
 def engine(

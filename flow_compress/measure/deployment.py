@@ -15,6 +15,7 @@ called faster.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from flow_compress.measure.latency import (
     torch_engine,
     torch_threads,
 )
+from flow_compress.schema import DeploymentParity
 
 
 def device_of(dep: DeploymentConfig) -> torch.device:
@@ -164,6 +166,36 @@ class DeploymentTimer:
         with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
             eng = self.engine(model, "model", Path(tmp))
             return _summary(self._runs(eng.runner(self.dep.batch_size), eng.device))
+
+    def parity(
+        self, model: nn.Module, inputs: torch.Tensor, min_agreement: float
+    ) -> DeploymentParity:
+        """``model`` loaded into the deployment, run on ``inputs`` (float32, CPU) in batches of
+        the deployment's size, against the eager float32 model on the CPU: the latency was
+        measured on this engine, so its predictions must be the model's."""
+        from flow_compress.export._common import cpu_eval
+
+        x = inputs.detach().to("cpu", torch.float32)
+        with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
+            eng = self.engine(model, "parity", Path(tmp))
+            if eng.predict is None:
+                raise DeploymentUnavailableError(
+                    f"deployment {self.dep.label()}: its engine cannot run real inputs"
+                )
+            step = self.dep.batch_size
+            got = torch.cat([eng.predict(x[i : i + step]) for i in range(0, len(x), step)])
+        with cpu_eval(model) as ref_model, torch.no_grad():
+            want = torch.cat([ref_model(x[i : i + 32]).float() for i in range(0, len(x), 32)])
+        agree = float((got.argmax(1) == want.argmax(1)).double().mean() * 100)
+        diff = float((got - want).abs().max())
+        agree = round(agree, 3)
+        return DeploymentParity(
+            samples=len(x),
+            top1_agreement=agree,
+            max_abs_diff=diff if math.isfinite(diff) else float("inf"),
+            min_agreement=min_agreement,
+            passed=agree >= min_agreement,
+        )
 
     def compare(self, base: nn.Module, pruned: nn.Module) -> Comparison:
         """Both models timed alternately (the order flips every round), ``dep.runs`` each:

@@ -98,6 +98,9 @@ class Engine:
     device_label: str
     input_shape: tuple[int, int, int]
     forward: Callable[[int], Runner]
+    # Logits (float32, CPU) of a float32 CPU batch as this runtime computes them, for the
+    # deployment's parity check; None where an engine cannot take real inputs.
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def runner(self, batch_size: int) -> Runner:
         """A no-argument callable running one forward pass on a fixed batch of this size."""
@@ -129,7 +132,12 @@ def torch_engine(
 
         return run
 
-    return Engine(runtime, device, describe_device(device), input_shape, forward)
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = module(x.to(device))
+        return out.float().cpu() if isinstance(out, torch.Tensor) else out
+
+    return Engine(runtime, device, describe_device(device), input_shape, forward, predict)
 
 
 def prepare_engine(

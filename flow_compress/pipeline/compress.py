@@ -314,7 +314,11 @@ def finalize(job: Prepared, result: CompressionResult) -> Measured:
 
 def deployment_outcome(ctx: Context, pruned: nn.Module) -> DeploymentOutcome | None:
     """Base and pruned timed alternately on the job's deployment, the speed-up's verdict, the
-    latency target's, and how the cost model fared (None without a deployment)."""
+    latency target's, how the cost model fared, and the pruned model's parity on the
+    deployment (None without a deployment). Raises ``ExportParityError`` when the deployment
+    runs the pruned model to other predictions than eager float32 does (top-1 agreement below
+    ``deployment.min_agreement`` on ``export.parity_samples`` validation images): the speed
+    measured there would be a broken model's."""
     timer, config = ctx.deployment, ctx.config
     if timer is None or config.deployment is None:
         return None
@@ -323,6 +327,15 @@ def deployment_outcome(ctx: Context, pruned: nn.Module) -> DeploymentOutcome | N
     with ctx.timer("latency"):
         cmp = timer.compare(ctx.teacher, pruned)
         label = timer.device_label
+        inputs = ctx.data.sample_inputs(config.export.parity_samples)
+        parity = timer.parity(pruned, inputs, dep.min_agreement)
+    if not parity.passed:
+        raise ExportParityError(
+            f"on {dep.label()} the pruned model agrees with eager float32 on the top-1 class "
+            f"of {parity.top1_agreement:.1f} % of {parity.samples} validation images, below "
+            f"deployment.min_agreement = {dep.min_agreement:g} % (max |logit difference| "
+            f"{parity.max_abs_diff:.3g})"
+        )
     spread = max(cmp.base.spread, cmp.pruned.spread)
     speedup = cmp.speedup
     met = None
@@ -346,6 +359,7 @@ def deployment_outcome(ctx: Context, pruned: nn.Module) -> DeploymentOutcome | N
         target_speedup=config.target_speedup,
         latency_target_met=met,
         cost_model=_cost_model_stats(ctx),
+        parity=parity,
     )
 
 

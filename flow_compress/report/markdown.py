@@ -314,6 +314,15 @@ def _deployment_section(report: CompressionReport) -> list[str]:
         rows.append(["Latency target reached", "**met**" if d.latency_target_met else "**missed**"])
     else:
         rows.append(["Latency target reached", "no latency target was given"])
+    if d.parity is not None:
+        rows.append(
+            [
+                "Parity on the deployment",
+                f"top-1 agrees with eager float32 on {d.parity.top1_agreement:.1f} % of "
+                f"{d.parity.samples} validation images (at least {d.parity.min_agreement:g} % "
+                f"required); max |logit difference| {d.parity.max_abs_diff:.3g}",
+            ]
+        )
     lines = [
         "## Deployment",
         "",

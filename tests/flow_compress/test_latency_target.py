@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,11 @@ from pydantic import ValidationError
 from flow_compress.arch.models import build_model
 from flow_compress.config import CompressionConfig, DeploymentConfig
 from flow_compress.data import DataSplits
-from flow_compress.errors import BudgetExceededError, DeploymentUnavailableError
+from flow_compress.errors import (
+    BudgetExceededError,
+    DeploymentUnavailableError,
+    ExportParityError,
+)
 from flow_compress.graph import PruningGraph
 from flow_compress.graph.latency_cost import (
     Curve,
@@ -32,9 +37,10 @@ from flow_compress.graph.latency_cost import (
 )
 from flow_compress.measure.deployment import Comparison, DeploymentTimer, Timing
 from flow_compress.pipeline import compress, make_context
+from flow_compress.pipeline.context import Context
 from flow_compress.pipeline.latency_selection import Option, select_by_latency
 from flow_compress.pipeline.stage1 import FilterPruner
-from flow_compress.schema import Stage, speedup_verdict
+from flow_compress.schema import Stage, StepRecord, speedup_verdict
 from tests.flow_compress.conftest import SIZE, small_config
 
 # Enough runs that a median of 0.2-ms runs is stable on a busy 2-core machine.
@@ -262,6 +268,8 @@ def test_a_reachable_speedup_target_is_met_and_measured(
     assert report.steps[0].latency_ms is not None
     assert d.cost_model is not None and d.cost_model.steps_checked == len(pruning)
     assert d.cost_model.table_entries > 0 and d.cost_model.cache_file
+    assert d.parity is not None and d.parity.passed
+    assert d.parity.samples == cfg.export.parity_samples and d.parity.top1_agreement == 100.0
     assert Path(d.cost_model.cache_file).is_file()
     assert report.macs_ratio < 1.0 and (tmp_path / "out" / "model.onnx").is_file()
 
@@ -360,16 +368,35 @@ def test_the_predicted_saving_holds_when_groups_sharing_a_layer_are_cut_together
     assert sel.saved_ms == pytest.approx(before - after, rel=0.02)
 
 
-class _SlowerWhenCut(DeploymentTimer):
-    """A deployment on which every cut model runs slower than its base: what a pruned
-    ConvNeXt-T did on an H200 in float16, whose narrow LayerNorms left the fast kernel. That
-    GPU is not here, so the pruned model's time is the real base time plus 20 %."""
+class _CutRunsAt(DeploymentTimer):
+    """A deployment on which every cut model runs at ``factor`` times its base's real time:
+    2.0, a cut that runs slower (a pruned ConvNeXt-T on an H200 in float16, whose narrow
+    LayerNorms left the fast kernel); 0.995, one bound by kernel launches (eager PyTorch at
+    batch 32 on an H200 ran ResNet-50 at 7.5-8.3 ms from 100 % to 9 % of its MACs). That GPU
+    is not here."""
+
+    factor = 1.0
 
     def compare(self, base: torch.nn.Module, pruned: torch.nn.Module) -> Comparison:
         real = super().compare(base, pruned)
         if _params(pruned) < _params(base):
-            return Comparison(real.base, Timing(real.base.ms * 1.2, real.pruned.spread))
+            return Comparison(real.base, Timing(real.base.ms * self.factor, real.base.spread))
         return real
+
+
+def _stage1_where_cuts_run_at(
+    factor: float, model: torch.nn.Module, data: DataSplits, cfg: CompressionConfig
+) -> tuple[Context, torch.nn.Module, StepRecord]:
+    """Stage 1 as ``run_pipeline`` runs it, on a ``_CutRunsAt(factor)`` deployment: the
+    context, the stage's model and the baseline row."""
+    ctx, student = make_context(model, data, cfg)
+    assert ctx.deployment is not None
+    timer = _CutRunsAt(ctx.deployment.dep, ctx.deployment.input_shape)
+    timer.factor = factor
+    ctx.deployment = timer
+    base = ctx.record(student, Stage.BASELINE)
+    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
+    return ctx, FilterPruner(ctx).run(student), base
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -384,13 +411,8 @@ def test_a_step_not_measured_faster_is_rolled_back_and_ends_the_stage(
         max_drop=100.0,
         prune={"steps": 3, "ranking": "score_per_ms", "calibration_batches": 1, "retries": 1},
     )
-    ctx, student = make_context(trained_resnet, digits, cfg)
-    assert ctx.deployment is not None
-    ctx.deployment = _SlowerWhenCut(ctx.deployment.dep, ctx.deployment.input_shape)
-    base = ctx.record(student, Stage.BASELINE)
-    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
-    base_macs, _ = ctx.cost(student)
-    result = FilterPruner(ctx).run(student)
+    ctx, result, base = _stage1_where_cuts_run_at(2.0, trained_resnet, digits, cfg)
+    base_macs = ctx.base_macs
     assert ctx.cost(result)[0] == base_macs and not ctx.plan_ops
     rejected = [s for s in ctx.steps if not s.accepted]
     assert len(rejected) == 2 and all(s.macs < base_macs for s in rejected), ctx.notes
@@ -401,18 +423,6 @@ def test_a_step_not_measured_faster_is_rolled_back_and_ends_the_stage(
     assert any("latency target" in n for n in ctx.notes)
 
 
-class _NoFasterWhenCut(DeploymentTimer):
-    """A deployment bound by kernel launches: a cut model runs as fast as its base, within
-    half a percent (eager PyTorch at batch 32 on an H200 ran ResNet-50 at 7.5-8.3 ms from
-    100 % to 9 % of its MACs). That GPU is not here, so the time is the real base time."""
-
-    def compare(self, base: torch.nn.Module, pruned: torch.nn.Module) -> Comparison:
-        real = super().compare(base, pruned)
-        if _params(pruned) < _params(base):
-            return Comparison(real.base, Timing(real.base.ms * 0.995, real.base.spread))
-        return real
-
-
 def test_a_step_far_below_its_predicted_saving_is_rolled_back(
     trained_resnet: torch.nn.Module, digits: DataSplits
 ) -> None:
@@ -421,12 +431,7 @@ def test_a_step_far_below_its_predicted_saving_is_rolled_back(
         max_drop=100.0,
         prune={"steps": 2, "ranking": "score_per_ms", "calibration_batches": 1, "retries": 0},
     )
-    ctx, student = make_context(trained_resnet, digits, cfg)
-    assert ctx.deployment is not None
-    ctx.deployment = _NoFasterWhenCut(ctx.deployment.dep, ctx.deployment.input_shape)
-    base = ctx.record(student, Stage.BASELINE)
-    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
-    result = FilterPruner(ctx).run(student)
+    ctx, result, base = _stage1_where_cuts_run_at(0.995, trained_resnet, digits, cfg)
     assert ctx.cost(result)[0] == ctx.base_macs
     (rejected,) = [s for s in ctx.steps if not s.accepted]
     assert rejected.detail == "no measured saving: rolled back"
@@ -443,10 +448,41 @@ def test_without_a_latency_target_a_slower_step_is_kept(
     raw["latency"] = {"enabled": False}
     raw["prune"] = {**raw["prune"], "steps": 1}
     cfg = CompressionConfig.model_validate(raw)
-    ctx, student = make_context(trained_resnet, digits, cfg)
-    assert ctx.deployment is not None
-    ctx.deployment = _SlowerWhenCut(ctx.deployment.dep, ctx.deployment.input_shape)
-    base = ctx.record(student, Stage.BASELINE)
-    ctx.base_val_top1, ctx.base_latency_ms = base.top1, base.latency_ms
-    result = FilterPruner(ctx).run(student)
+    ctx, result, _ = _stage1_where_cuts_run_at(2.0, trained_resnet, digits, cfg)
     assert ctx.cost(result)[0] < ctx.base_macs and all(s.accepted for s in ctx.steps)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "eager", "torchscript"])
+def test_the_deployment_runs_the_model_to_its_own_predictions(
+    trained_resnet: torch.nn.Module, digits: DataSplits, runtime: str
+) -> None:
+    dep = DeploymentConfig(runtime=runtime, threads=1, batch_size=5)
+    x = digits.sample_inputs(23)
+    parity = DeploymentTimer(dep, (1, SIZE, SIZE)).parity(trained_resnet, x, 99.0)
+    assert parity.samples == 23 and parity.passed and parity.top1_agreement == 100.0
+    assert parity.max_abs_diff < 1e-3
+
+
+def test_a_deployment_that_runs_another_model_fails_the_job(
+    trained_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parity engine is loaded with a freshly initialised resnet18 (a deployment that ran
+    a stale file, or a provider that computes garbage): its predictions are not the pruned
+    model's, and the job fails before anything is published."""
+    real_engine = DeploymentTimer.engine
+
+    def stale(self: DeploymentTimer, model: torch.nn.Module, name: str, work_dir: Path) -> Any:
+        if name == "parity":
+            torch.manual_seed(123)
+            model = build_model("resnet18", 10, in_chans=1, input_size=SIZE).eval()
+        return real_engine(self, model, name, work_dir)
+
+    monkeypatch.setattr(DeploymentTimer, "engine", stale)
+    cfg = latency_config(
+        target_speedup=1.05, prune={"steps": 1, "ranking": "score_per_ms", "calibration_batches": 1}
+    )
+    with pytest.raises(ExportParityError) as err:
+        compress(cfg, weights=trained_weights, out_dir=tmp_path / "out")
+    assert err.value.code == "export_parity_failed"
+    assert "deployment.min_agreement" in err.value.message
+    assert not (tmp_path / "out").exists()
