@@ -44,7 +44,12 @@ from flow_compress.arch.surgery import classifier_path
 from flow_compress.criteria import ScoreRequest, get_criterion
 from flow_compress.errors import UnsupportedModelError
 from flow_compress.graph import PrunableGroup, PruningGraph
-from flow_compress.graph.latency_cost import group_curve, layers_ms, member_layers
+from flow_compress.graph.latency_cost import (
+    LatencyTable,
+    group_curve,
+    layers_ms,
+    member_layers,
+)
 from flow_compress.pipeline.context import Context
 from flow_compress.pipeline.latency_selection import Option, select_by_latency
 from flow_compress.schema import SPEEDUP_NOISE, Stage
@@ -226,23 +231,15 @@ class FilterPruner:
         groups = graph.groups()
         scores = self.scores(model, graph, groups)
         with ctx.timer("cost_model"):
-            layer_sum = layers_ms(model, graph.in_shapes, table)
+            # The first pass times the layers the table lacks; once they are re-timed
+            # (``LatencyTable.recheck``), a second pass reads the curves again if any fell.
+            for _ in range(2):
+                layer_sum = layers_ms(model, graph.in_shapes, table)
+                options = self._options(graph, groups, scores, table)
+                if not table.recheck():
+                    break
             # Milliseconds of the whole model per millisecond of its layers.
             scale = now / layer_sum if layer_sum > 0 else 1.0
-            options = []
-            for g, sc in zip(groups, scores, strict=True):
-                keep = self._keep_min(g)
-                curve = None
-                if g.unit == "channel":
-                    layers = member_layers(
-                        ((m.name, m.module) for m in g.producers),
-                        ((m.name, m.module) for m in g.consumers),
-                        graph.in_shapes,
-                        ((m.name, m.module) for m in g.norms),
-                    )
-                    if layers:
-                        curve = group_curve(layers, g.size, keep, table)
-                options.append(Option(g, sc, keep, curve))
             table.save()
         eff = ctx.saving_efficiency
         sel = select_by_latency(
@@ -256,6 +253,30 @@ class FilterPruner:
             return model, [], None
         entries = self.apply(model, graph, groups, _Selection(sel.removals, sel.saved_macs))
         return model, entries, now - sel.saved_ms * scale * eff
+
+    def _options(
+        self,
+        graph: PruningGraph,
+        groups: list[PrunableGroup],
+        scores: list[torch.Tensor],
+        table: LatencyTable,
+    ) -> list[Option]:
+        """Every group with its scores, floor and (channel groups) its latency curve."""
+        options = []
+        for g, sc in zip(groups, scores, strict=True):
+            keep = self._keep_min(g)
+            curve = None
+            if g.unit == "channel":
+                layers = member_layers(
+                    ((m.name, m.module) for m in g.producers),
+                    ((m.name, m.module) for m in g.consumers),
+                    graph.in_shapes,
+                    ((m.name, m.module) for m in g.norms),
+                )
+                if layers:
+                    curve = group_curve(layers, g.size, keep, table)
+            options.append(Option(g, sc, keep, curve))
+        return options
 
     # ------------------------------------------------------------ one cut
 

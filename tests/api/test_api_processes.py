@@ -112,7 +112,7 @@ def test_two_api_processes_share_the_store_and_the_metrics(
                 break
             time.sleep(0.1)
         else:
-            pytest.fail(f"process {pid} outlived serve")
+            pytest.fail(f"process {pid} outlived serve: {_describe(pid)}")
 
 
 def _zombie(pid: int) -> bool:
@@ -145,4 +145,16 @@ def test_kill_9_of_serve_takes_its_api_processes_along(
                 break
             time.sleep(0.1)
         else:
-            pytest.fail(f"process {pid} outlived serve")
+            pytest.fail(f"process {pid} outlived serve: {_describe(pid)}")
+
+
+def _describe(pid: int) -> str:
+    """What a process is and what it is doing, for a failure message."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    keep = [line for line in status if line.split(":")[0] in ("State", "PPid", "SigCgt", "Threads")]
+    return f"{cmd!r} {'; '.join(keep)}; wchan {wchan}"
