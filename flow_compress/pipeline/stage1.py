@@ -556,7 +556,7 @@ class FilterPruner:
             ctx.notes.append(
                 f"Filter Prune ended at {ctx.latency_now_ms:.3g} ms on the deployment, above "
                 f"the latency target {ctx.target_latency_ms:.3g} ms (budget, per-layer caps, "
-                "widths that save no measurable time, or cuts the deployment ran slower)"
+                "widths that save no measurable time, or cuts the deployment did not run faster)"
             )
 
     def _learn(self, before_ms: float, predicted_ms: float, measured_ms: float) -> None:
