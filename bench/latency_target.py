@@ -179,6 +179,7 @@ def run_model(model: str, proto: Protocol, cache: Path) -> list[Run]:
                         "macs_ratio": round(s.macs / ctx.base_macs, 4),
                         "latency_ms": s.latency_ms,
                         "predicted_ms": s.predicted_latency_ms,
+                        "accepted": s.accepted,
                     }
                     for s in ctx.steps
                 ],
@@ -254,17 +255,32 @@ def _markdown(runs: list[Run], proto: Protocol, env: dict[str, Any], wall: float
 
 def _plot(runs: list[Run], proto: Protocol, out: Path) -> None:
     fig, ax = figure()
+    lowest = 0.8
     for r in runs:
-        xs = [s["macs_ratio"] * 100 for s in r.steps if s["latency_ms"]]
         base = r.steps[0]["latency_ms"]
-        ys = [base / s["latency_ms"] for s in r.steps if s["latency_ms"]]
-        ax.plot(xs, ys, marker="o" if r.kind == "latency" else "x", label=f"{r.model} ({r.kind})")
+        # Rolled-back steps (older results have no flag: every row counts) as loose points.
+        kept = [s for s in r.steps if s["latency_ms"] and s.get("accepted", True)]
+        dropped = [s for s in r.steps if s["latency_ms"] and not s.get("accepted", True)]
+        xs = [s["macs_ratio"] * 100 for s in kept]
+        ys = [base / s["latency_ms"] for s in kept]
+        (line,) = ax.plot(
+            xs, ys, marker="o" if r.kind == "latency" else "x", label=f"{r.model} ({r.kind})"
+        )
+        if dropped:
+            ax.scatter(
+                [s["macs_ratio"] * 100 for s in dropped],
+                [base / s["latency_ms"] for s in dropped],
+                marker="_",
+                color=line.get_color(),
+            )
+        lowest = min(lowest, *ys, *(base / s["latency_ms"] for s in dropped))
     xs = [100 * x / 20 for x in range(2, 21)]
     ax.plot(xs, [100 / x for x in xs], "k:", label="speed-up = MACs reduction")
     ax.plot(xs, [80 / x for x in xs], "k--", alpha=0.5, label="goal: 0.8 × MACs reduction")
     ax.set_xlabel("MACs kept (%)")
     ax.set_ylabel(f"speed-up at batch {proto.batch} (measured per step)")
-    ax.set_ylim(bottom=0.8, top=max(6.0, *(max(r.speedup.values()) for r in runs)))
+    ax.set_ylim(bottom=lowest - 0.1, top=max(6.0, *(max(r.speedup.values()) for r in runs)))
+    ax.set_title("lines: kept steps; dashes: steps rolled back", fontsize=8)
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     fig.savefig(out / "speedup_vs_macs.png", dpi=120)
