@@ -27,6 +27,7 @@ from torch import nn
 from flow_compress.config import DeploymentConfig
 from flow_compress.errors import DeploymentUnavailableError
 from flow_compress.export import EAGER_RUNTIME
+from flow_compress.export._common import cpu_eval, run_chunks
 from flow_compress.measure.environment import describe_device
 from flow_compress.measure.latency import (
     Engine,
@@ -90,6 +91,8 @@ class Timing:
 class Comparison:
     base: Timing
     pruned: Timing
+    # The timed pruned engine's predictions against eager float32, when asked for.
+    parity: DeploymentParity | None = None
 
     @property
     def speedup(self) -> float:
@@ -170,25 +173,30 @@ class DeploymentTimer:
     def parity(
         self, model: nn.Module, inputs: torch.Tensor, min_agreement: float
     ) -> DeploymentParity:
-        """``model`` loaded into the deployment, run on ``inputs`` (float32, CPU) in batches of
+        """``model`` loaded into the deployment and checked as ``compare`` checks the pruned
+        engine it timed (``_parity``)."""
+        with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
+            return self._parity(
+                self.engine(model, "parity", Path(tmp)), model, inputs, min_agreement
+            )
+
+    def _parity(
+        self, eng: Engine, model: nn.Module, inputs: torch.Tensor, min_agreement: float
+    ) -> DeploymentParity:
+        """``eng`` (``model`` in the deployment) run on ``inputs`` (float32, CPU) in batches of
         the deployment's size, against the eager float32 model on the CPU: the latency was
         measured on this engine, so its predictions must be the model's."""
-        from flow_compress.export._common import cpu_eval
-
+        if eng.predict is None:
+            raise DeploymentUnavailableError(
+                f"deployment {self.dep.label()}: its engine cannot run real inputs"
+            )
         x = inputs.detach().to("cpu", torch.float32)
-        with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
-            eng = self.engine(model, "parity", Path(tmp))
-            if eng.predict is None:
-                raise DeploymentUnavailableError(
-                    f"deployment {self.dep.label()}: its engine cannot run real inputs"
-                )
-            step = self.dep.batch_size
-            got = torch.cat([eng.predict(x[i : i + step]) for i in range(0, len(x), step)])
+        step = self.dep.batch_size
+        got = torch.cat([eng.predict(x[i : i + step]) for i in range(0, len(x), step)])
         with cpu_eval(model) as ref_model, torch.no_grad():
-            want = torch.cat([ref_model(x[i : i + 32]).float() for i in range(0, len(x), 32)])
-        agree = float((got.argmax(1) == want.argmax(1)).double().mean() * 100)
+            want = run_chunks(lambda b: ref_model(b).float(), x)
+        agree = round(float((got.argmax(1) == want.argmax(1)).double().mean() * 100), 3)
         diff = float((got - want).abs().max())
-        agree = round(agree, 3)
         return DeploymentParity(
             samples=len(x),
             top1_agreement=agree,
@@ -197,9 +205,17 @@ class DeploymentTimer:
             passed=agree >= min_agreement,
         )
 
-    def compare(self, base: nn.Module, pruned: nn.Module) -> Comparison:
+    def compare(
+        self,
+        base: nn.Module,
+        pruned: nn.Module,
+        parity_inputs: torch.Tensor | None = None,
+        min_agreement: float = 99.0,
+    ) -> Comparison:
         """Both models timed alternately (the order flips every round), ``dep.runs`` each:
-        the verdict's measurement."""
+        the verdict's measurement. With ``parity_inputs``, the pruned engine just timed is
+        also checked against eager float32 (``Comparison.parity``), so an expensive engine
+        (a TensorRT build) is made once."""
         with torch_threads(self.dep.threads), tempfile.TemporaryDirectory() as tmp:
             eb = self.engine(base, "base", Path(tmp))
             ep = self.engine(pruned, "pruned", Path(tmp))
@@ -213,7 +229,12 @@ class DeploymentTimer:
                 pair = ((rb, tb), (rp, tp)) if i % 2 == 0 else ((rp, tp), (rb, tb))
                 for run, out in pair:
                     out.append(_time_once(run, eb.device))
-        return Comparison(_summary(tb), _summary(tp))
+            parity = (
+                self._parity(ep, pruned, parity_inputs, min_agreement)
+                if parity_inputs is not None
+                else None
+            )
+        return Comparison(_summary(tb), _summary(tp), parity)
 
 
 __all__ = [

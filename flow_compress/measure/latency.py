@@ -134,8 +134,7 @@ def torch_engine(
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = module(x.to(device))
-        return out.float().cpu() if isinstance(out, torch.Tensor) else out
+            return module(x.to(device)).float().cpu()
 
     return Engine(runtime, device, describe_device(device), input_shape, forward, predict)
 

@@ -325,10 +325,11 @@ def deployment_outcome(ctx: Context, pruned: nn.Module) -> DeploymentOutcome | N
     dep = config.deployment
     ctx.emit(Stage.EXPORT, 0, 3, message=f"timing base and pruned on {dep.label()}")
     with ctx.timer("latency"):
-        cmp = timer.compare(ctx.teacher, pruned)
-        label = timer.device_label
         inputs = ctx.data.sample_inputs(config.export.parity_samples)
-        parity = timer.parity(pruned, inputs, dep.min_agreement)
+        cmp = timer.compare(ctx.teacher, pruned, inputs, dep.min_agreement)
+        label = timer.device_label
+    parity = cmp.parity
+    assert parity is not None
     if not parity.passed:
         raise ExportParityError(
             f"on {dep.label()} the pruned model agrees with eager float32 on the top-1 class "
