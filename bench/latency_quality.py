@@ -29,12 +29,13 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
     add_base_model_args,
+    choose_protocol,
     command_line,
     ensure_base_model,
     figure,
@@ -43,6 +44,7 @@ from bench.common import (
     machine_lines,
     make_parser,
     md_table,
+    mean_std,
     parse_ints,
     train_config,
     write_json,
@@ -169,13 +171,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = [r for r in rows if r["ranking"] == ranking]
         if not mine:
             continue
-        tops = [r["test_top1"] for r in mine]
+        mean, std = mean_std([r["test_top1"] for r in mine])
         out.append(
             {
                 "ranking": ranking,
                 "seeds": len(mine),
-                "test_top1_mean": round(statistics.fmean(tops), 3),
-                "test_top1_std": round(statistics.stdev(tops), 3) if len(tops) > 1 else 0.0,
+                "test_top1_mean": round(mean, 3),
+                "test_top1_std": round(std or 0.0, 3),
                 "speedup_mean": round(statistics.fmean(r["speedup"] for r in mine), 3),
                 "macs_ratio_mean": round(statistics.fmean(r["macs_ratio"] for r in mine), 4),
                 "target_met": sum(r["target_met"] for r in mine),
@@ -310,9 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    proto = QUICK if args.mode == "quick" else FULL
-    overrides = {"speedup": args.speedup, "seeds": args.seeds, "deploy_batch": args.batch}
-    proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
+    proto = choose_protocol(
+        args.mode, QUICK, FULL, speedup=args.speedup, seeds=args.seeds, deploy_batch=args.batch
+    )
     rankings = [r.strip() for r in args.rankings.split(",") if r.strip()]
     unknown = [r for r in rankings if r not in RANKINGS]
     if unknown:

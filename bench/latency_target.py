@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    choose_protocol,
     command_line,
     figure,
     log,
@@ -266,14 +267,11 @@ def _plot(runs: list[Run], proto: Protocol, out: Path) -> None:
         (line,) = ax.plot(
             xs, ys, marker="o" if r.kind == "latency" else "x", label=f"{r.model} ({r.kind})"
         )
+        dropped_ys = [base / s["latency_ms"] for s in dropped]
         if dropped:
-            ax.scatter(
-                [s["macs_ratio"] * 100 for s in dropped],
-                [base / s["latency_ms"] for s in dropped],
-                marker="_",
-                color=line.get_color(),
-            )
-        lowest = min(lowest, *ys, *(base / s["latency_ms"] for s in dropped))
+            xs_dropped = [s["macs_ratio"] * 100 for s in dropped]
+            ax.scatter(xs_dropped, dropped_ys, marker="_", color=line.get_color())
+        lowest = min(lowest, *ys, *dropped_ys)
     xs = [100 * x / 20 for x in range(2, 21)]
     ax.plot(xs, [100 / x for x in xs], "k:", label="speed-up = MACs reduction")
     ax.plot(xs, [80 / x for x in xs], "k--", alpha=0.5, label="goal: 0.8 × MACs reduction")
@@ -302,20 +300,19 @@ def main(argv: list[str] | None = None) -> None:
     args: argparse.Namespace = parser.parse_args(argv)
     import torch
 
-    proto = QUICK if args.mode == "quick" else FULL
-    overrides = {
-        "input_size": args.input_size,
-        "threads": args.threads,
-        "batches": args.batches,
-        "steps": args.steps,
-        "runtime": args.runtime,
-        "device": args.device,
-        "dtype": args.dtype,
-        "batch": args.batch,
-    }
-    from dataclasses import replace
-
-    proto = replace(proto, **{k: v for k, v in overrides.items() if v is not None})
+    proto = choose_protocol(
+        args.mode,
+        QUICK,
+        FULL,
+        input_size=args.input_size,
+        threads=args.threads,
+        batches=args.batches,
+        steps=args.steps,
+        runtime=args.runtime,
+        device=args.device,
+        dtype=args.dtype,
+        batch=args.batch,
+    )
     torch.set_num_threads(proto.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
